@@ -1,0 +1,36 @@
+"""The `xmdpt` command line: thin commands over the library.
+
+Each command group lives in its own module; this one mounts them and turns bad input into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from xmdpt.cli import data, model, pose
+from xmdpt.errors import InputError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__)
+app.add_typer(data.app, name="data", help="Prepare DeepFashion and generate the synthetic data set.")
+app.command("pose")(pose.pose)
+app.command("convert")(model.convert)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script. Usage errors exit with 2 (click's convention), and so does bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        app(args=argv, prog_name="xmdpt")
+    except SystemExit as done:  # click ends every run with SystemExit; success returns normally to callers
+        if done.code not in (0, None):
+            raise
+    except InputError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from xmdpt.cli import main
+
+main()

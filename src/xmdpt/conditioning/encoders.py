@@ -1,0 +1,144 @@
+"""Conditioning encoders: images -> token features (B, tokens, width) for the aggregation network.
+
+One small interface: a `ModelMixin` whose `forward(images)` takes (B, 3, H, W) in [0, 1] and returns
+(B, num_tokens, feature_dim), with `num_tokens` and `feature_dim` as properties. Two implementations:
+
+- `DinoV2Encoder`: the published setup, a frozen DINOv2 through `transformers` (ViT-B/14 for the pose skeleton,
+  ViT-g/14 for the reference image), tokens = [cls, patches] after the final LayerNorm.
+- `LearnedImageEncoder`: a small convolutional tokenizer trained with the denoiser; needs no pretrained weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from xmdpt.errors import InputError
+
+# How pixels in [0, 1] are mapped before the encoder. The public X-MDPT code feeds DINOv2 the reference in [-1, 1]
+# ("signed") and the skeleton in [0, 1] ("unit"), without ImageNet normalisation; checkpoints trained that way need
+# the same quirk. "imagenet" is what DINOv2 was trained with.
+INPUT_TRANSFORMS = ("unit", "signed", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def transform_input(images: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "unit":
+        return images
+    if mode == "signed":
+        return images * 2 - 1
+    if mode == "imagenet":
+        mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return (images - mean) / std
+    raise ValueError(f"unknown input transform {mode!r}; choose one of {INPUT_TRANSFORMS}")
+
+
+class DinoV2Encoder(ModelMixin, ConfigMixin):
+    """Frozen DINOv2 (transformers `Dinov2Model`): (B, 3, H, W) in [0, 1] -> (B, 1 + patches, width).
+
+    Build it from the Hub or a local folder with `DinoV2Encoder.from_dinov2("facebook/dinov2-giant")`; it then saves
+    and loads as one of ours (`save_pretrained` writes the DINOv2 config into ours and the weights as safetensors).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        dinov2_config: dict | None = None,
+        image_size: int = 224,
+        input_transform: str = "signed",
+        antialias: bool = False,
+    ):
+        super().__init__()
+        from transformers import Dinov2Config, Dinov2Model
+
+        if input_transform not in INPUT_TRANSFORMS:
+            raise ValueError(f"unknown input transform {input_transform!r}; choose one of {INPUT_TRANSFORMS}")
+        self.dino = Dinov2Model(Dinov2Config(**(dinov2_config or {})))
+        self.dino.requires_grad_(False)
+        self.dino.eval()
+
+    @classmethod
+    def from_dinov2(cls, name_or_path: str | Path, **kwargs) -> DinoV2Encoder:
+        """Wrap pretrained DINOv2 weights (a Hub id such as `facebook/dinov2-base`, or a local folder)."""
+        from transformers import Dinov2Model
+
+        try:
+            dino = Dinov2Model.from_pretrained(str(name_or_path))
+        except OSError as err:
+            raise InputError(f"{name_or_path}: cannot load DINOv2 weights ({str(err).splitlines()[0]})") from None
+        encoder = cls(dinov2_config=dino.config.to_diff_dict(), **kwargs)
+        encoder.dino.load_state_dict(dino.state_dict())
+        return encoder
+
+    @property
+    def feature_dim(self) -> int:
+        return self.dino.config.hidden_size
+
+    @property
+    def num_tokens(self) -> int:
+        return 1 + (self.config.image_size // self.dino.config.patch_size) ** 2
+
+    def train(self, mode: bool = True) -> DinoV2Encoder:
+        # Frozen: stays in eval mode whatever the surrounding module does.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        # The public code resizes bicubic without antialiasing; `antialias=True` is the better-behaved choice.
+        x = F.interpolate(
+            images, size=(size, size), mode="bicubic", align_corners=False, antialias=self.config.antialias
+        )
+        x = transform_input(x, self.config.input_transform).to(self.dtype)
+        return self.dino(pixel_values=x).last_hidden_state  # (B, 1 + patches, width), after the final LayerNorm
+
+
+class LearnedImageEncoder(ModelMixin, ConfigMixin):
+    """A small convolutional tokenizer trained jointly with the denoiser, for models without pretrained features.
+
+    Three stride-2 convolutions turn the image (resized to `image_size`) into a grid of tokens; a mean token is
+    prepended, mirroring DINOv2's [cls, patches] layout, then a LayerNorm.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        image_size: tuple[int, int] | list[int] = (64, 44),
+        width: int = 64,
+        input_transform: str = "signed",
+    ):
+        super().__init__()
+        if input_transform not in INPUT_TRANSFORMS:
+            raise ValueError(f"unknown input transform {input_transform!r}; choose one of {INPUT_TRANSFORMS}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width // 2, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width // 2, width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+        )
+        self.norm = nn.LayerNorm(width)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.width
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.config.image_size
+        return 1 + -(-h // 8) * -(-w // 8)  # each stride-2 conv (padding 1) rounds up
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = tuple(self.config.image_size)
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = self.stem(transform_input(images, self.config.input_transform).to(self.dtype))  # (B, W, h, w)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, h * w, W)
+        return self.norm(torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1))  # (B, 1 + h * w, W)

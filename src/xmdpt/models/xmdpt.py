@@ -1,0 +1,503 @@
+"""X-MDPT: the cross-view masked diffusion transformer (Pham et al., ICML 2024).
+
+Reads top-down like DiT's `models.py`: helpers, embedders, attention, blocks, final layer, the model, presets.
+Module and parameter names follow the public code so that its checkpoints load with `strict=True`
+(see `xmdpt.models.convert`). Unlike the public code, nothing assumes a square token grid: every table is built
+for the configured (height, width) grid, so 32x32 (stretched 256x256), 32x22 (native 256x176) and 64x44 (512x352)
+latents all work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+#################################################################################
+#                                    Helpers                                    #
+#################################################################################
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: x * (1 + scale) + shift, broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+    """MAE's 1-D sin-cos table: [sin | cos] over embed_dim // 2 frequencies."""
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", positions.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_size: tuple[int, int]) -> np.ndarray:
+    """MAE's 2-D sin-cos table for a (height, width) grid, row-major, shape (H * W, D).
+
+    The first half encodes the column and the second half the row, as MAE's `meshgrid(w, h)` does; on a square grid
+    this equals the public code's table exactly.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"hidden size {embed_dim} must be divisible by 4 for the 2-D sin-cos table")
+    grid_h, grid_w = grid_size
+    cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
+    return np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+
+
+def relative_position_index(grid_size: tuple[int, int]) -> torch.Tensor:
+    """BEiT's relative position index for a (height, width) grid, shape (N, N), int64.
+
+    index = (dh + H - 1) * (2W - 1) + (dw + W - 1) for the row/column offsets (dh, dw) of a query/key pair.
+    """
+    grid_h, grid_w = grid_size
+    coords = torch.stack(torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+    return (rel[0] + grid_h - 1) * (2 * grid_w - 1) + (rel[1] + grid_w - 1)
+
+
+def random_masking(
+    batch_size: int,
+    num_tokens: int,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """MAE's per-sample random masking by argsort of uniform noise; returns the kept indices (B, int(N * (1 - r))).
+
+    The kept indices are in shuffled order, as in MAE; the side-interpolater scatters tokens back to their positions.
+    """
+    num_keep = int(num_tokens * (1 - mask_ratio))
+    noise = torch.rand(batch_size, num_tokens, generator=generator, device=device)
+    return torch.argsort(noise, dim=1)[:, :num_keep]
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x[b, ids[b]] for every sample: (B, N, D) -> (B, K, D)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+#################################################################################
+#                               Embedding layers                                #
+#################################################################################
+
+
+class PatchEmbed(nn.Module):
+    """Latent (B, C, H, W) -> tokens (B, H/p * W/p, D) by a conv with kernel = stride = patch."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> D-vectors: 256 sinusoidal features (cos half first, as GLIDE/DiT) and a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+def token_mixer(num_tokens: int, hidden_size: int) -> nn.Sequential:
+    """Reduces a token sequence (B, T, D) to one vector (B, 1, D): a learned weighted sum over tokens (Conv1d with the
+    token axis as channels), GELU, LayerNorm. One per branch of the aggregation network (paper Sec. 3.2)."""
+    return nn.Sequential(nn.Conv1d(num_tokens, 1, kernel_size=1), nn.GELU(), nn.LayerNorm(hidden_size, eps=1e-12))
+
+
+def feature_projection(in_features: int, hidden_size: int) -> nn.Sequential:
+    """Projects frozen encoder features to the model width: Linear, GELU, LayerNorm (the public `mlp_dino_*`)."""
+    return nn.Sequential(nn.Linear(in_features, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size, eps=1e-12))
+
+
+#################################################################################
+#                                   Attention                                   #
+#################################################################################
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT relative position bias: a learned (2H-1)(2W-1)+3 by heads table (the 3 extra rows are BEiT's class-token
+    slots, unused here but kept for checkpoint compatibility) read through a fixed (N, N) index."""
+
+    def __init__(self, grid_size: tuple[int, int], num_heads: int):
+        super().__init__()
+        grid_h, grid_w = grid_size
+        num_distances = (2 * grid_h - 1) * (2 * grid_w - 1) + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_distances, num_heads))
+        # Persistent so that checkpoints carry it, as the public ones do; the converter checks it against ours.
+        self.register_buffer("relative_position_index", relative_position_index(grid_size), persistent=True)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The bias (1, heads, N, N), or with kept indices (B, K) the bias gathered on both axes (B, heads, K, K)."""
+        index = self.relative_position_index
+        if ids_keep is None:
+            return self.relative_position_bias_table[index].permute(2, 0, 1).unsqueeze(0)  # (1, h, N, N)
+        index = index[ids_keep[:, :, None], ids_keep[:, None, :]]  # (B, K, K)
+        return self.relative_position_bias_table[index].permute(0, 3, 1, 2)  # (B, h, K, K)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the relative position bias added to the logits."""
+
+    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int]):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.rel_pos_bias = RelativePositionBias(grid_size, num_heads)
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        bias = self.rel_pos_bias(ids_keep).to(q.dtype)  # scale is SDPA's default, head_dim ** -0.5
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Target tokens attend to reference tokens (the side-interpolater's cross-view step), with the same bias."""
+
+    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int]):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.to_kv = nn.Linear(hidden_size, 2 * hidden_size, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.rel_pos_bias = RelativePositionBias(grid_size, num_heads)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        h = self.num_heads
+        q = self.to_q(x).reshape(B, N, h, D // h).transpose(1, 2)  # (B, h, N, d)
+        k, v = self.to_kv(context).reshape(B, context.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos_bias().to(q.dtype))
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    """Transformer MLP with tanh-GELU (DiT's choice), keys `fc1` / `fc2` as timm's."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, int(hidden_size * mlp_ratio))
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(int(hidden_size * mlp_ratio), hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+#################################################################################
+#                                 Core blocks                                   #
+#################################################################################
+
+
+class XMDPTBlock(nn.Module):
+    """DiT block with adaLN-Zero conditioning; attention optionally on a subset of tokens (kept indices)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int], mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, grid_size)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (B, N or K, D)
+
+
+class XMDPTCrossBlock(nn.Module):
+    """adaLN-Zero block whose attention is cross-attention to the reference tokens (un-normalised keys/values)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int], mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = CrossAttention(hidden_size, num_heads, grid_size)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), context)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (B, N, D)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm, adaLN (shift, scale), Linear to p * p * out_channels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p * p * C_out)
+
+
+#################################################################################
+#                                  The model                                    #
+#################################################################################
+
+
+class XMDPT(ModelMixin, ConfigMixin):
+    """The X-MDPT denoiser: maps (x_t, t, conditions) to the noise prediction and the variance interpolation v.
+
+    Conditions enter as one vector y from the aggregation network (`embed_condition`): the target pose features,
+    the reference image's global features and its local latent tokens, each reduced to one vector, summed and
+    projected. `forward` accepts y precomputed (`condition=`) so that a sampler computes it once per image.
+    Passing `ids_keep` runs the training-only masked pass (mask cross-prediction, paper Sec. 3.3).
+    """
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: tuple[int, int] | list[int] = (32, 22),
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        learn_sigma: bool = True,
+        decode_layers: int = 2,
+        side_interpolater: bool = True,
+        pose_feature_dim: int = 768,
+        pose_num_tokens: int = 257,
+        reference_feature_dim: int = 1536,
+        reference_num_tokens: int = 257,
+    ):
+        super().__init__()
+        latent_h, latent_w = sample_size
+        if latent_h % patch_size or latent_w % patch_size:
+            raise ValueError(f"latent size {latent_h}x{latent_w} is not divisible by the patch size {patch_size}")
+        if not 1 <= decode_layers <= depth:
+            raise ValueError(f"decode_layers={decode_layers} must lie in [1, depth={depth}]")
+        self.grid_size = (latent_h // patch_size, latent_w // patch_size)
+        self.num_tokens = self.grid_size[0] * self.grid_size[1]
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        grid, D = self.grid_size, hidden_size
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D))
+        self.blocks = nn.ModuleList([XMDPTBlock(D, num_heads, grid, mlp_ratio) for _ in range(depth)])
+        if side_interpolater:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+            self.sideblocks = nn.ModuleList([XMDPTBlock(D, num_heads, grid, mlp_ratio)])
+            self.sideblocks_cross = nn.ModuleList([XMDPTCrossBlock(D, num_heads, grid, mlp_ratio)])
+        self.final_layer = FinalLayer(D, patch_size, self.out_channels)
+
+        # Aggregation network (paper Sec. 3.2): pose (v_P), global (v_G) and local (v_L) branches -> y.
+        self.mlp_dino_pose = feature_projection(pose_feature_dim, D)
+        self.mlp_dino_img = feature_projection(reference_feature_dim, D)
+        self.conv1d_pose = token_mixer(pose_num_tokens, D)
+        self.conv1d_global = token_mixer(reference_num_tokens, D)
+        self.conv1d_local = token_mixer(self.num_tokens, D)
+        self.mlp_final = feature_projection(D, D)
+
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The public code's initialisation (reference Sec. 2), written out."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        table = torch.from_numpy(sincos_2d(self.config.hidden_size, self.grid_size)).float().unsqueeze(0)
+        self.pos_embed.data.copy_(table)
+        self.decoder_pos_embed.data.copy_(table)
+        # Patch embedding initialised like a Linear layer (DiT).
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, and the final layer outputs zeros.
+        for block in self.adaln_blocks():
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        if self.config.side_interpolater:
+            nn.init.normal_(self.mask_token, std=0.02)
+        for layer in (self.mlp_dino_pose, self.mlp_dino_img, self.mlp_final):
+            nn.init.normal_(layer[0].weight, std=0.02)
+        for layer in (self.conv1d_pose, self.conv1d_global, self.conv1d_local):
+            nn.init.normal_(layer[0].weight, std=0.02)
+
+    def adaln_blocks(self) -> list[nn.Module]:
+        blocks = list(self.blocks)
+        if self.config.side_interpolater:
+            blocks += list(self.sideblocks) + list(self.sideblocks_cross)
+        return blocks
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False, inference: bool = False):
+        """Parameter count; `inference=True` leaves out the training-only side blocks (as the README's 33.5M)."""
+        count = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        if inference and self.config.side_interpolater:
+            count -= sum(p.numel() for m in (self.sideblocks, self.sideblocks_cross) for p in m.parameters())
+        return count
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def embed_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent (B, C, H, W) -> position-embedded tokens (B, N, D); shared by the noisy target and the reference."""
+        return self.x_embedder(latent) + self.pos_embed
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p * p * C) -> (B, C, H, W) for the configured, possibly non-square, grid."""
+        p, c = self.config.patch_size, self.out_channels
+        grid_h, grid_w = self.grid_size
+        x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
+
+    def embed_condition(
+        self,
+        pose_features: torch.Tensor,
+        reference_features: torch.Tensor,
+        reference_latent: torch.Tensor,
+        reference_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The aggregation network: y = mlp_final(v_P + v_G + v_L), shape (B, D). Depends only on the reference and
+        the target pose, so samplers call it once per image."""
+        v_pose = self.conv1d_pose(self.mlp_dino_pose(pose_features))  # (B, 1, D)
+        v_global = self.conv1d_global(self.mlp_dino_img(reference_features))  # (B, 1, D)
+        if reference_tokens is None:
+            reference_tokens = self.embed_latent(reference_latent)  # (B, N, D)
+        v_local = self.conv1d_local(reference_tokens)  # (B, 1, D)
+        # squeeze(1), not squeeze(): the public code's squeeze() breaks batch size 1.
+        return self.mlp_final((v_pose + v_global + v_local).squeeze(1))  # (B, D)
+
+    def side_interpolate(
+        self, x: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """The side-interpolater: fill dropped positions with the mask token, add the decoder positions, one
+        self-attention block, one cross-attention block to the reference tokens, then the masked shortcut that keeps
+        the interpolation only where tokens were dropped."""
+        B, _, D = x.shape
+        full = self.mask_token.to(x.dtype).expand(B, self.num_tokens, D).clone()
+        full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), x)  # unshuffle: (B, N, D)
+        dropped = torch.ones(B, self.num_tokens, 1, device=x.device, dtype=x.dtype)
+        dropped = dropped.scatter(1, ids_keep.unsqueeze(-1), 0.0)  # 1 where the token was masked
+        x_before = full + self.decoder_pos_embed
+        x = x_before
+        for block in self.sideblocks:
+            x = block(x, c)
+        for block in self.sideblocks_cross:
+            x = block(x, c, context)
+        return dropped * x + (1 - dropped) * x_before  # (B, N, D)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        pose_features: torch.Tensor | None = None,
+        reference_features: torch.Tensor | None = None,
+        reference_latent: torch.Tensor | None = None,
+        *,
+        condition: torch.Tensor | None = None,
+        drop_condition: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict (B, out_channels, H, W) from the noisy latent `sample` (B, C, H, W) at `timestep` (B,).
+
+        condition: y from `embed_condition`; when None it is computed from the three feature inputs.
+        drop_condition: (B,) bool, True where y is zeroed: the unconditional model c = t_emb of classifier-free
+            guidance. The training objective draws it (p = 0.1), so the forward itself is deterministic.
+        ids_keep: (B, K) kept token indices from `random_masking`: the masked pass of training, which needs
+            `reference_latent` for the side-interpolater's cross-attention.
+        """
+        B = sample.shape[0]
+        if timestep.ndim == 0:
+            timestep = timestep.expand(B)
+        x = self.embed_latent(sample)  # (B, N, D)
+        reference_tokens = None
+        if condition is None:
+            reference_tokens = self.embed_latent(reference_latent)  # (B, N, D)
+            condition = self.embed_condition(pose_features, reference_features, reference_latent, reference_tokens)
+        if drop_condition is not None:
+            condition = condition * (~drop_condition).to(condition.dtype).unsqueeze(1)
+        c = self.t_embedder(timestep) + condition  # (B, D)
+
+        split = self.config.depth - self.config.decode_layers
+        masked = ids_keep is not None
+        if masked:
+            if not self.config.side_interpolater:
+                raise ValueError("the masked pass needs a model built with side_interpolater=True")
+            x = gather_tokens(x, ids_keep)  # (B, K, D)
+            context = self.reference_context(reference_latent, c, reference_tokens)  # (B, N, D)
+        for i, block in enumerate(self.blocks):
+            if i == split:
+                x = self.side_interpolate(x, c, ids_keep, context) if masked else x + self.decoder_pos_embed
+            x = block(x, c, ids_keep if masked and i < split else None)  # (B, K or N, D)
+        x = self.final_layer(x, c)  # (B, N, p * p * C_out)
+        return self.unpatchify(x)  # (B, C_out, H, W)
+
+    @torch.no_grad()
+    def reference_context(
+        self, reference_latent: torch.Tensor, c: torch.Tensor, reference_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The reference latent's tokens after the first depth - decode_layers blocks, without gradient: the keys
+        and values of the side-interpolater's cross-attention. Only the masked pass needs them."""
+        x = self.embed_latent(reference_latent) if reference_tokens is None else reference_tokens
+        for block in self.blocks[: self.config.depth - self.config.decode_layers]:
+            x = block(x, c)
+        return x.detach()  # (B, N, D)
+
+
+#################################################################################
+#                                    Presets                                    #
+#################################################################################
+
+# Depth, width and heads of the published sizes; all use patch 2.
+XMDPT_PRESETS: dict[str, dict[str, int]] = {
+    "S/2": dict(depth=12, hidden_size=384, num_heads=6),
+    "B/2": dict(depth=12, hidden_size=768, num_heads=12),
+    "L/2": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL/2": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+
+def xmdpt_from_preset(name: str, **kwargs) -> XMDPT:
+    """Build a preset ("S/2", "B/2", "L/2", "XL/2"); keyword arguments override the rest of the config."""
+    if name not in XMDPT_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(XMDPT_PRESETS)}")
+    return XMDPT(patch_size=2, **XMDPT_PRESETS[name], **kwargs)

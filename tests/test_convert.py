@@ -1,0 +1,107 @@
+"""Public checkpoints: a state dict with the public key names converts into a model computing the same function."""
+
+import pytest
+import torch
+from conftest import randomize
+from public_reference import PublicXMDPT
+
+from xmdpt.cli import main
+from xmdpt.errors import InputError
+from xmdpt.models.convert import convert_public_checkpoint
+from xmdpt.models.xmdpt import XMDPT, random_masking
+
+
+@pytest.fixture
+def public_checkpoint(tmp_path):
+    reference = randomize(PublicXMDPT(), std=0.1, seed=3)
+    path = tmp_path / "ema_0.9999_300000.pt"
+    torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def inputs(batch=3):
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        x=torch.randn(batch, 4, 8, 8, generator=g),
+        t=torch.tensor([0, 400, 999])[:batch],
+        pose=torch.randn(batch, 5, 16, generator=g),
+        img=torch.randn(batch, 7, 24, generator=g),
+        src=torch.randn(batch, 4, 8, 8, generator=g),
+    )
+
+
+def test_converted_model_computes_the_public_function(public_checkpoint, tmp_path):
+    reference, path = public_checkpoint
+    model = convert_public_checkpoint(path, tmp_path / "converted")
+    loaded = XMDPT.from_pretrained(tmp_path / "converted")
+    assert loaded.config.sample_size == [8, 8] and loaded.config.depth == 3 and loaded.config.num_heads == 2
+    a = inputs()
+    keep = torch.tensor([1.0, 0.0, 1.0])
+    expected = reference(a["x"], a["t"], a["pose"], a["img"], a["src"], keep)
+    ours = loaded(a["x"], a["t"], a["pose"], a["img"], a["src"], drop_condition=keep == 0)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    assert expected.abs().mean() > 0.1  # a random model, not the zero-initialised one
+    # The masked training pass too, on the same mask.
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(4))
+    expected = reference(a["x"], a["t"], a["pose"], a["img"], a["src"], keep, mask_noise=noise)
+    ids = random_masking(3, 16, 0.3, generator=torch.Generator().manual_seed(4))
+    ours = model(a["x"], a["t"], a["pose"], a["img"], a["src"], drop_condition=keep == 0, ids_keep=ids)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_convert_writes_a_loadable_folder(public_checkpoint, tmp_path):
+    _, path = public_checkpoint
+    main(["convert", str(path), str(tmp_path / "out")])
+    assert (tmp_path / "out" / "config.json").exists()
+    assert XMDPT.from_pretrained(tmp_path / "out").num_parameters() == sum(
+        v.numel() for k, v in torch.load(path, weights_only=True).items() if "relative_position_index" not in k
+    )
+
+
+def test_module_prefix_and_ema_wrapper_are_accepted(public_checkpoint, tmp_path):
+    reference, _ = public_checkpoint
+    path = tmp_path / "wrapped.pt"
+    torch.save({"ema": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    model = convert_public_checkpoint(path)
+    torch.testing.assert_close(model.pos_embed, reference.pos_embed)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a checkpoint", "not a readable PyTorch checkpoint"),
+        ({"weight": torch.zeros(2)}, "not an X-MDPT checkpoint"),
+        ([1, 2, 3], "not a state dict"),
+    ],
+)
+def test_files_that_are_not_checkpoints_are_clear_errors(tmp_path, content, message, capsys):
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(InputError, match=message):
+        convert_public_checkpoint(path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(path), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_file_and_wrong_grid_are_clear_errors(public_checkpoint, tmp_path):
+    _, path = public_checkpoint
+    with pytest.raises(InputError, match="no such file"):
+        convert_public_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(InputError, match="does not hold"):
+        convert_public_checkpoint(path, grid_size=(4, 3))
+    with pytest.raises(InputError, match="relative_position_index"):
+        convert_public_checkpoint(path, grid_size=(2, 8))
+
+
+def test_checkpoint_with_unknown_extra_keys_is_rejected(public_checkpoint, tmp_path):
+    reference, _ = public_checkpoint
+    state = dict(reference.state_dict(), extra_head=torch.zeros(3))
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(InputError, match="unexpected"):
+        convert_public_checkpoint(tmp_path / "odd.pt")

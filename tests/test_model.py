@@ -1,0 +1,203 @@
+"""The denoiser: shapes on any grid, initialisation, masking, batch independence, presets, save/load."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize, tiny_inputs, tiny_model
+
+from xmdpt.models.xmdpt import (
+    XMDPT,
+    XMDPT_PRESETS,
+    gather_tokens,
+    random_masking,
+    relative_position_index,
+    sincos_2d,
+    xmdpt_from_preset,
+)
+
+
+@pytest.mark.parametrize("sample_size", [(8, 6), (6, 8), (32, 22), (64, 44)])
+def test_output_shape_on_non_square_grids(sample_size):
+    model = randomize(tiny_model(sample_size=sample_size, depth=1, decode_layers=1))
+    x = tiny_inputs(model, batch=2)
+    out = model(**x)
+    assert out.shape == (2, 8, *sample_size)
+    assert model.grid_size == (sample_size[0] // 2, sample_size[1] // 2)
+    assert torch.isfinite(out).all()
+
+
+def test_unpatchify_inverts_patch_layout_on_non_square_grid():
+    model = tiny_model(sample_size=(8, 6), learn_sigma=False)
+    p, C = 2, 4
+    image = torch.randn(1, C, 8, 6)
+    # (B, N, p * p * C) in the order the final layer writes: token (row, col), then (p, q, c).
+    tokens = image.reshape(1, C, 4, p, 3, p).permute(0, 2, 4, 3, 5, 1).reshape(1, 12, p * p * C)
+    assert torch.equal(model.unpatchify(tokens), image)
+
+
+def test_zero_initialised_model_outputs_zeros():
+    model = tiny_model()
+    out = model(**tiny_inputs(model))
+    assert torch.count_nonzero(out) == 0
+    # ... and so does the masked pass.
+    ids = random_masking(3, model.num_tokens, 0.3)
+    assert torch.count_nonzero(model(**tiny_inputs(model), ids_keep=ids)) == 0
+
+
+def test_sincos_table_matches_mae_on_square_and_varies_on_rectangles():
+    D = 16
+    table = sincos_2d(D, (4, 4))
+    # MAE: first half encodes the column (w), second half the row (h); each half is [sin | cos].
+    omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))
+    row, col = 2, 3
+    expected = np.concatenate([np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)])
+    np.testing.assert_allclose(table[row * 4 + col], expected, atol=1e-12)
+    rect = sincos_2d(D, (3, 5))
+    assert rect.shape == (15, D)
+    assert len({tuple(r) for r in rect.round(8)}) == 15  # every position distinct
+
+
+def test_relative_position_index_follows_beit_formula_on_rectangles():
+    H, W = 3, 5
+    index = relative_position_index((H, W))
+    assert index.shape == (15, 15) and index.dtype == torch.int64
+    for q in range(15):
+        for k in range(15):
+            dh, dw = q // W - k // W, q % W - k % W
+            assert index[q, k] == (dh + H - 1) * (2 * W - 1) + (dw + W - 1)
+    assert index.max() == (2 * H - 1) * (2 * W - 1) - 1
+
+
+def test_masked_bias_is_the_full_bias_gathered_on_both_axes():
+    model = randomize(tiny_model())
+    bias_module = model.blocks[0].attn.rel_pos_bias
+    ids = random_masking(2, model.num_tokens, 0.3, generator=torch.Generator().manual_seed(3))
+    full = bias_module()[0]  # (h, N, N)
+    gathered = bias_module(ids)
+    for b in range(2):
+        assert torch.equal(gathered[b], full[:, ids[b]][:, :, ids[b]])
+
+
+def test_random_masking_keeps_int_n_times_0_7_distinct_tokens():
+    ids = random_masking(4, 176, 0.3, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (4, int(176 * 0.7))
+    for row in ids:
+        assert len(set(row.tolist())) == ids.shape[1]
+    assert not torch.equal(ids[0], ids[1])
+
+
+def test_side_interpolater_restores_every_position():
+    """With identity side blocks (adaLN-Zero), kept positions hold their own token and dropped ones the mask token,
+    each plus the decoder position table: every position is restored to its place."""
+    model = tiny_model()
+    B, N, D = 2, model.num_tokens, 32
+    tokens = torch.randn(B, N, D)
+    ids = random_masking(B, N, 0.3, generator=torch.Generator().manual_seed(1))
+    c = torch.randn(B, D)
+    out = model.side_interpolate(gather_tokens(tokens, ids), c, ids, context=torch.randn(B, N, D))
+    for b in range(B):
+        kept = set(ids[b].tolist())
+        for n in range(N):
+            expected = tokens[b, n] if n in kept else model.mask_token[0, 0]
+            torch.testing.assert_close(out[b, n], expected + model.decoder_pos_embed[0, n])
+
+
+def test_masked_shortcut_keeps_kept_tokens_and_interpolates_dropped_ones():
+    model = randomize(tiny_model())
+    B, N, D = 2, model.num_tokens, 32
+    tokens = torch.randn(B, N, D)
+    ids = random_masking(B, N, 0.3, generator=torch.Generator().manual_seed(1))
+    out = model.side_interpolate(gather_tokens(tokens, ids), torch.randn(B, D), ids, context=torch.randn(B, N, D))
+    for b in range(B):
+        kept = set(ids[b].tolist())
+        for n in range(N):
+            if n in kept:
+                torch.testing.assert_close(out[b, n], tokens[b, n] + model.decoder_pos_embed[0, n])
+            else:
+                assert not torch.allclose(out[b, n], model.mask_token[0, 0] + model.decoder_pos_embed[0, n])
+
+
+def test_masked_pass_reference_context_gets_no_gradient_and_depends_on_reference():
+    model = randomize(tiny_model())
+    x = tiny_inputs(model, batch=2)
+    ids = random_masking(2, model.num_tokens, 0.3)
+    cond = model.embed_condition(x["pose_features"], x["reference_features"], x["reference_latent"])
+    reference = x["reference_latent"].clone().requires_grad_(True)
+    out = model(x["sample"], x["timestep"], reference_latent=reference, condition=cond, ids_keep=ids)
+    assert out.shape == (2, 8, 8, 6)
+    out.sum().backward()  # the cross-attention context is computed without gradient, as published
+    assert reference.grad is None
+    assert model.sideblocks_cross[0].attn.to_kv.weight.grad.abs().sum() > 0
+    # ... and the masked output does change with the reference context.
+    other = model(x["sample"], x["timestep"], reference_latent=reference + 1, condition=cond, ids_keep=ids)
+    assert not torch.allclose(out, other)
+
+
+def test_batch_of_one_equals_that_sample_in_a_larger_batch():
+    model = randomize(tiny_model()).eval()
+    x = tiny_inputs(model, batch=4)
+    full = model(**x)
+    for i in range(4):
+        single = model(**{k: v[i : i + 1] for k, v in x.items()})
+        torch.testing.assert_close(single, full[i : i + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_drop_condition_gives_the_unconditional_model():
+    model = randomize(tiny_model())
+    x = tiny_inputs(model, batch=2)
+    dropped = model(**x, drop_condition=torch.tensor([True, False]))
+    uncond = model(x["sample"], x["timestep"], condition=torch.zeros(2, 32))
+    torch.testing.assert_close(dropped[0], uncond[0])
+    assert not torch.allclose(dropped[1], uncond[1])
+
+
+def test_precomputed_condition_equals_computing_it_inside():
+    model = randomize(tiny_model())
+    x = tiny_inputs(model)
+    y = model.embed_condition(x["pose_features"], x["reference_features"], x["reference_latent"])
+    assert y.shape == (3, 32)
+    torch.testing.assert_close(model(**x), model(x["sample"], x["timestep"], condition=y))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = randomize(tiny_model(sample_size=(8, 6)))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = XMDPT.from_pretrained(tmp_path)
+    assert loaded.config.sample_size == [8, 6] or tuple(loaded.config.sample_size) == (8, 6)
+    x = tiny_inputs(model)
+    torch.testing.assert_close(loaded(**x), model(**x), rtol=0, atol=0)
+
+
+def test_invalid_configs_are_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_model(sample_size=(7, 6))
+    with pytest.raises(ValueError, match="decode_layers"):
+        tiny_model(decode_layers=0)
+    with pytest.raises(ValueError, match="unknown preset"):
+        xmdpt_from_preset("M/2")
+    with pytest.raises(ValueError, match="side_interpolater"):
+        model = tiny_model(side_interpolater=False)
+        model(**tiny_inputs(model), ids_keep=random_masking(3, model.num_tokens, 0.3))
+
+
+# Counted from the public code at 256 tokens (reference Sec. 2): (with side blocks, without).
+PUBLISHED_COUNTS = {
+    "S/2": (39_117_301, 33_785_797),
+    "B/2": (153_731_269, 132_451_429),
+    "L/2": (498_945_445, 461_135_141),
+    "XL/2": (726_544_933, None),
+}
+
+
+@pytest.mark.parametrize("preset", list(XMDPT_PRESETS))
+def test_preset_parameter_counts_equal_the_public_code(preset):
+    with torch.device("meta"):  # counts need shapes only
+        model = xmdpt_from_preset(preset, sample_size=(32, 32))
+    total, inference = PUBLISHED_COUNTS[preset]
+    assert model.num_parameters() == total
+    if inference is not None:
+        assert model.num_parameters(inference=True) == inference
+    # The public checkpoints hold 207 entries for S and B (blocks, side blocks, buffers).
+    if preset in ("S/2", "B/2"):
+        assert len(model.state_dict()) == 207

@@ -1,0 +1,147 @@
+"""Sampling: batched guidance and once-per-image conditioning equal the public schedule; schedulers; round trip."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize, tiny_model
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+from xmdpt import XMDPTPipeline, make_sampling_scheduler, make_train_scheduler
+from xmdpt.conditioning import DinoV2Encoder, LearnedImageEncoder, PixelCodec, VAECodec
+from xmdpt.errors import InputError
+from xmdpt.pipeline import guidance_ramp
+
+
+@pytest.fixture
+def pipe(tiny_hub):
+    pose_encoder = DinoV2Encoder.from_dinov2(tiny_hub / "dinov2", image_size=28, input_transform="unit")
+    reference_encoder = DinoV2Encoder.from_dinov2(tiny_hub / "dinov2", image_size=28, input_transform="signed")
+    model = tiny_model(pose_feature_dim=32, pose_num_tokens=5, reference_feature_dim=32, reference_num_tokens=5)
+    randomize(model, std=0.05).eval()
+    scheduler = make_sampling_scheduler("ddim", make_train_scheduler().config)
+    return XMDPTPipeline(model, VAECodec.from_vae(tiny_hub / "vae"), pose_encoder, reference_encoder, scheduler)
+
+
+def inputs(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, 64, 48, generator=g) * 2 - 1, torch.rand(batch, 3, 64, 48, generator=g)
+
+
+def run(pipe, ref, pose, **kwargs):
+    kwargs = {"num_inference_steps": 4, "generator": torch.Generator().manual_seed(0), **kwargs}
+    return pipe(ref, pose, output_type="pt", progress=False, **kwargs).images
+
+
+def test_batched_guidance_equals_two_separate_passes(pipe):
+    ref, pose = inputs()
+    cond = pipe.denoiser.embed_condition(**pipe.encode_conditions(ref, pose))
+    x, t = torch.randn(2, 4, 8, 6), torch.tensor(500)
+    guided = pipe.guided_prediction(x, t, cond, guidance_scale=3.0, power=1.0)
+    c = pipe.denoiser(x, t.expand(2), condition=cond)
+    u = pipe.denoiser(x, t.expand(2), condition=torch.zeros_like(cond))
+    scale = guidance_ramp(3.0, t, 1000, 1.0)
+    torch.testing.assert_close(guided, u + scale * (c - u), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(c, u)
+
+
+def test_efficient_sampling_equals_the_public_schedule(pipe):
+    ref, pose = inputs()
+    ours = run(pipe, ref, pose)
+    public = run(pipe, ref, pose, public_schedule=True)
+    torch.testing.assert_close(ours, public, rtol=1e-4, atol=1e-5)
+    assert ours.shape == (2, 3, 64, 48)
+
+
+def test_batch_of_one_equals_that_sample_in_a_batch(pipe):
+    ref, pose = inputs(batch=3)
+    latents = torch.randn(3, 4, 8, 6, generator=torch.Generator().manual_seed(7))
+    batch = run(pipe, ref, pose, latents=latents)
+    single = run(pipe, ref[1:2], pose[1:2], latents=latents[1:2])
+    torch.testing.assert_close(single, batch[1:2], rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_image_and_conditions_matter(pipe):
+    ref, pose = inputs()
+    torch.testing.assert_close(run(pipe, ref, pose), run(pipe, ref, pose), rtol=0, atol=0)
+    other_ref, other_pose = inputs(seed=3)
+    assert not torch.allclose(run(pipe, ref, pose), run(pipe, other_ref, pose), atol=1e-4)
+    assert not torch.allclose(run(pipe, ref, pose), run(pipe, ref, other_pose), atol=1e-4)
+
+
+def test_ddim_visits_the_public_codes_respaced_timesteps():
+    scheduler = make_sampling_scheduler("ddim", make_train_scheduler().config)
+    scheduler.set_timesteps(50)
+    # ADM's space_timesteps(1000, "50"): round(i * 999 / 49), visited from the largest.
+    stride, expected, cur = 999 / 49, [], 0.0
+    for _ in range(50):
+        expected.append(round(cur))
+        cur += stride
+    assert scheduler.timesteps.tolist() == expected[::-1]
+    assert scheduler.config.clip_sample is False
+
+
+def test_guidance_ramp_is_power_cosine():
+    t = torch.tensor([0, 500, 999])
+    ramp = guidance_ramp(2.0, t, 1000, 0.01)
+    expected = [(1 - np.cos(np.pi * (1 - v / 1000) ** 0.01)) / 2 + 1 for v in t.tolist()]
+    np.testing.assert_allclose(ramp.numpy(), expected, rtol=1e-5)
+    assert ramp[0] == pytest.approx(2.0) and 1.9 < ramp[-1] < 2.0
+
+
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "ddpm"])
+def test_other_samplers_run(pipe, sampler):
+    pipe.scheduler = make_sampling_scheduler(sampler, pipe.scheduler.config)
+    ref, pose = inputs()
+    images = run(pipe, ref, pose, num_inference_steps=5)
+    assert images.shape == (2, 3, 64, 48) and torch.isfinite(images).all()
+    if sampler == "ddpm":
+        assert isinstance(pipe.scheduler, DDPMScheduler) and pipe.scheduler.config.variance_type == "learned_range"
+        assert pipe._sampler_input(torch.zeros(1, 8, 8, 6), 4).shape[1] == 8  # the v channels reach DDPM
+    else:
+        assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+        assert pipe._sampler_input(torch.zeros(1, 8, 8, 6), 4).shape[1] == 4
+
+
+def test_unknown_sampler_is_an_input_error():
+    with pytest.raises(InputError, match="unknown sampler"):
+        make_sampling_scheduler("euler-magic", make_train_scheduler().config)
+
+
+def test_pipeline_round_trip_and_scheduler_swap(pipe, tmp_path):
+    ref, pose = inputs()
+    before = run(pipe, ref, pose)
+    pipe.save_pretrained(tmp_path)
+    loaded = XMDPTPipeline.from_pretrained(tmp_path)
+    torch.testing.assert_close(run(loaded, ref, pose), before, rtol=0, atol=0)
+    loaded.scheduler = DPMSolverMultistepScheduler.from_config(loaded.scheduler.config, variance_type=None)
+    assert torch.isfinite(run(loaded, ref, pose)).all()
+
+
+def test_pixel_space_pipeline_with_learned_encoders():
+    model = randomize(
+        tiny_model(
+            sample_size=(16, 12),
+            in_channels=12,
+            pose_feature_dim=32,
+            pose_num_tokens=1 + 4 * 3,
+            reference_feature_dim=32,
+            reference_num_tokens=1 + 4 * 3,
+        ),
+        std=0.05,
+    ).eval()
+    pose_encoder = LearnedImageEncoder(image_size=(32, 24), width=32, input_transform="unit")
+    reference_encoder = LearnedImageEncoder(image_size=(32, 24), width=32, input_transform="signed")
+    scheduler = make_sampling_scheduler("ddim", make_train_scheduler().config)
+    pipe = XMDPTPipeline(model, PixelCodec(factor=2), pose_encoder, reference_encoder, scheduler)
+    assert pipe.image_size == (32, 24)
+    ref, pose = torch.rand(1, 3, 32, 24) * 2 - 1, torch.rand(1, 3, 32, 24)
+    images = pipe(ref, pose, num_inference_steps=3, progress=False).images
+    assert images[0].size == (24, 32)
+
+
+def test_wrong_input_shapes_are_input_errors(pipe):
+    ref, pose = inputs()
+    with pytest.raises(InputError, match="reference_image"):
+        pipe(ref[:, :, :32], pose, progress=False)
+    with pytest.raises(InputError, match="reference images"):
+        pipe(ref, pose[:1], progress=False)
