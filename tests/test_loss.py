@@ -7,7 +7,6 @@ import torch
 from conftest import randomize, tiny_inputs, tiny_model
 
 from xmdpt.diffusion import XMDPTLoss, make_train_scheduler, normal_kl
-from xmdpt.models.xmdpt import random_masking
 
 
 def test_schedule_is_the_published_linear_one():
@@ -57,23 +56,25 @@ def test_variational_bound_at_t0_is_the_decoder_nll():
 def test_loss_is_full_pass_plus_masked_pass_on_the_same_x_t():
     model = randomize(tiny_model())
     x = tiny_inputs(model, batch=2)
-    objective = XMDPTLoss(mask_ratio=0.3, condition_dropout=0.0)
-    t = torch.tensor([3, 700])
-    g = torch.Generator().manual_seed(5)
-    out = objective(model, x["sample"], x["pose_features"], x["reference_features"], x["reference_latent"], g, t)
-    # Recompute by hand with the same random draws.
-    g = torch.Generator().manual_seed(5)
-    noise = torch.randn(x["sample"].shape, generator=g)
-    x_t = objective.scheduler.add_noise(x["sample"], noise, t)
+    objective = XMDPTLoss(mask_ratio=0.3, condition_dropout=0.5)
     conds = (x["pose_features"], x["reference_features"], x["reference_latent"])
-    full = objective.pass_loss(model(x_t, t, *conds), x["sample"], noise, x_t, t)
-    torch.rand(2, generator=g)  # the full pass's dropout draw
-    ids = random_masking(2, model.num_tokens, 0.3, generator=g)
-    masked = objective.pass_loss(model(x_t, t, *conds, ids_keep=ids), x["sample"], noise, x_t, t)
+    draws = objective.draw(tuple(x["sample"].shape), model.num_tokens, torch.Generator().manual_seed(5))
+    assert draws.ids_keep.shape == (2, int(model.num_tokens * 0.7))
+    out = objective(model, x["sample"], *conds, draws=draws)
+    # Recompute by hand from the same draws.
+    t = draws.timesteps
+    x_t = objective.scheduler.add_noise(x["sample"], draws.noise, t)
+    full = objective.pass_loss(model(x_t, t, *conds, drop_condition=draws.drop_full), x["sample"], draws.noise, x_t, t)
+    masked_out = model(x_t, t, *conds, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep)
+    masked = objective.pass_loss(masked_out, x["sample"], draws.noise, x_t, t)
     torch.testing.assert_close(out.full, full.detach())
     torch.testing.assert_close(out.masked, masked.detach())
     torch.testing.assert_close(out.loss, full.mean() + masked.mean())
     assert not torch.allclose(out.full, out.masked)
+    # The same generator seed gives the same draws; slicing gives a sample's own draws.
+    again = objective.draw(tuple(x["sample"].shape), model.num_tokens, torch.Generator().manual_seed(5))
+    assert torch.equal(again.noise, draws.noise) and torch.equal(again.ids_keep, draws.ids_keep)
+    assert torch.equal(draws[1:].noise, draws.noise[1:]) and draws[1:].timesteps.shape == (1,)
 
 
 def test_mask_ratio_zero_trains_the_full_pass_only():
@@ -90,37 +91,15 @@ def test_condition_dropout_one_ignores_the_conditions():
     model = randomize(tiny_model())
     x = tiny_inputs(model, batch=2)
     other = tiny_inputs(model, batch=2, seed=9)
-    objective = XMDPTLoss(condition_dropout=1.0, mask_ratio=0.0)
-    t = torch.tensor([5, 600])
-    a = objective(
-        model,
-        x["sample"],
-        x["pose_features"],
-        x["reference_features"],
-        x["reference_latent"],
-        torch.Generator().manual_seed(0),
-        t,
-    )
-    b = objective(
-        model,
-        x["sample"],
-        other["pose_features"],
-        other["reference_features"],
-        other["reference_latent"],
-        torch.Generator().manual_seed(0),
-        t,
-    )
-    torch.testing.assert_close(a.loss, b.loss)
-    c = XMDPTLoss(condition_dropout=0.0, mask_ratio=0.0)(
-        model,
-        x["sample"],
-        other["pose_features"],
-        other["reference_features"],
-        other["reference_latent"],
-        torch.Generator().manual_seed(0),
-        t,
-    )
-    assert not torch.allclose(a.loss, c.loss)
+
+    def loss(dropout, inputs):
+        # Without the masked pass: its cross-attention reads the reference latent even when y is dropped.
+        objective = XMDPTLoss(condition_dropout=dropout, mask_ratio=0.0)
+        conds = (inputs["pose_features"], inputs["reference_features"], inputs["reference_latent"])
+        return objective(model, x["sample"], *conds, generator=torch.Generator().manual_seed(0)).loss
+
+    torch.testing.assert_close(loss(1.0, x), loss(1.0, other))
+    assert not torch.allclose(loss(0.0, x), loss(0.0, other))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -129,28 +108,18 @@ def test_a_few_adamw_steps_reduce_the_loss(prediction_type):
     x = tiny_inputs(model, batch=8)
     objective = XMDPTLoss(make_train_scheduler(prediction_type))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    t = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(0))
+    conds = (x["pose_features"], x["reference_features"], x["reference_latent"])
+    fixed = objective.draw(tuple(x["sample"].shape), model.num_tokens, torch.Generator().manual_seed(123))
 
     def evaluate():
         with torch.no_grad():
-            out = objective(
-                model,
-                x["sample"],
-                x["pose_features"],
-                x["reference_features"],
-                x["reference_latent"],
-                torch.Generator().manual_seed(123),
-                t,
-            )
-        return out.loss.item()
+            return objective(model, x["sample"], *conds, draws=fixed).loss.item()
 
     before = evaluate()
     g = torch.Generator().manual_seed(1)
     for _ in range(60):
         opt.zero_grad()
-        objective(
-            model, x["sample"], x["pose_features"], x["reference_features"], x["reference_latent"], g
-        ).loss.backward()
+        objective(model, x["sample"], *conds, generator=g).loss.backward()
         opt.step()
     after = evaluate()
     assert math.isfinite(after) and after < 0.85 * before

@@ -72,6 +72,30 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class LossDraws:
+    """The random draws of one training step, per sample: drawn for a global batch and sliced per process, so that
+    a multi-process run sees exactly the randomness of a single-process run on the same global batch."""
+
+    timesteps: torch.Tensor  # (B,) int64
+    noise: torch.Tensor  # (B, C, H, W)
+    drop_full: torch.Tensor  # (B,) bool: condition dropped in the full pass
+    drop_masked: torch.Tensor  # (B,) bool: ... in the masked pass
+    ids_keep: torch.Tensor | None  # (B, K) kept tokens of the masked pass
+
+    def __getitem__(self, index: slice) -> LossDraws:
+        return LossDraws(
+            self.timesteps[index],
+            self.noise[index],
+            self.drop_full[index],
+            self.drop_masked[index],
+            None if self.ids_keep is None else self.ids_keep[index],
+        )
+
+    def to(self, device) -> LossDraws:
+        return LossDraws(*(None if v is None else v.to(device) for v in vars(self).values()))
+
+
+@dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar to backpropagate: full + masked
     full: torch.Tensor  # per-sample loss of the full pass (B,)
@@ -151,9 +175,6 @@ class XMDPTLoss:
         nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def _drop(self, batch_size: int, generator: torch.Generator | None, device) -> torch.Tensor:
-        return (torch.rand(batch_size, generator=generator) < self.condition_dropout).to(device)
-
     def pass_loss(self, output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, t):
         """MSE (+ L_vb with learned sigma) of one model output (B, C or 2C, H, W), per sample."""
         C = x0.shape[1]
@@ -163,6 +184,20 @@ class XMDPTLoss:
             loss = loss + self.variational_bound(prediction.float(), v.float(), x0, x_t, t)
         return loss
 
+    def draw(
+        self, latent_shape: tuple[int, ...], num_tokens: int, generator: torch.Generator | None = None
+    ) -> LossDraws:
+        """Timesteps (uniform), noise, the condition dropout of each pass and the mask of the masked pass."""
+        B = latent_shape[0]
+        T = self.scheduler.config.num_train_timesteps
+        return LossDraws(
+            timesteps=torch.randint(0, T, (B,), generator=generator),
+            noise=torch.randn(latent_shape, generator=generator),
+            drop_full=torch.rand(B, generator=generator) < self.condition_dropout,
+            drop_masked=torch.rand(B, generator=generator) < self.condition_dropout,
+            ids_keep=random_masking(B, num_tokens, self.mask_ratio, generator) if self.mask_ratio > 0 else None,
+        )
+
     def __call__(
         self,
         model: XMDPT,
@@ -171,27 +206,25 @@ class XMDPTLoss:
         reference_features: torch.Tensor,
         reference_latent: torch.Tensor,
         generator: torch.Generator | None = None,
-        timesteps: torch.Tensor | None = None,
+        draws: LossDraws | None = None,
     ) -> LossOutput:
         """One training loss on clean target latents (B, C, H, W) and their conditions.
 
-        Both passes see the same x_t and t; the condition dropout is drawn for each pass, as published.
+        Both passes see the same x_t and t; the condition dropout is drawn for each pass, as published. `draws`
+        (from `draw`) fixes the randomness; otherwise it is drawn from `generator`.
         """
-        B, device = latents.shape[0], latents.device
-        if timesteps is None:
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), generator=generator)
-        t = timesteps.to(device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
+        if draws is None:
+            draws = self.draw(tuple(latents.shape), model.num_tokens, generator)
+        draws = draws.to(latents.device)
+        t, noise = draws.timesteps, draws.noise.to(latents.dtype)
         x_t = self.scheduler.add_noise(latents, noise, t)
         conditions = (pose_features, reference_features, reference_latent)
 
-        full = self.pass_loss(
-            model(x_t, t, *conditions, drop_condition=self._drop(B, generator, device)), latents, noise, x_t, t
-        )
+        output = model(x_t, t, *conditions, drop_condition=draws.drop_full)
+        full = self.pass_loss(output, latents, noise, x_t, t)
         masked = None
-        if self.mask_ratio > 0:
-            ids_keep = random_masking(B, model.num_tokens, self.mask_ratio, generator=generator).to(device)
-            output = model(x_t, t, *conditions, drop_condition=self._drop(B, generator, device), ids_keep=ids_keep)
+        if draws.ids_keep is not None:
+            output = model(x_t, t, *conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep)
             masked = self.pass_loss(output, latents, noise, x_t, t)
         total = full.mean() + (masked.mean() if masked is not None else 0.0)
         return LossOutput(

@@ -145,6 +145,38 @@ class XMDPTPipeline(DiffusionPipeline):
         return uncond + guidance_ramp(guidance_scale, t, T, power).to(uncond.dtype) * (cond - uncond)
 
     @torch.no_grad()
+    def denoise(
+        self,
+        conditions: dict[str, torch.Tensor],
+        condition: torch.Tensor,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 2.0,
+        guidance_power: float = 0.01,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        public_schedule: bool = False,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """The sampling loop from noise to clean latents, given the per-image `conditions` (encoder features and
+        reference latent) and the aggregation vector `condition` (B, D) computed from them."""
+        B, C = condition.shape[0], self.denoiser.config.in_channels
+        device = condition.device
+        if latents is None:
+            h, w = self.denoiser.config.sample_size
+            latents = torch.randn((B, C, h, w), generator=generator, device=generator.device if generator else None)
+        latents = latents.to(device=device, dtype=self.denoiser.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
+            model_input = self.scheduler.scale_model_input(latents, t)
+            if public_schedule:
+                out = self.public_guided_prediction(model_input, t, conditions, guidance_scale, guidance_power)
+            else:
+                out = self.guided_prediction(model_input, t, condition, guidance_scale, guidance_power)
+            latents = self.scheduler.step(self._sampler_input(out, C), t, latents, generator=generator).prev_sample
+        return latents
+
+    @torch.no_grad()
     def __call__(
         self,
         reference_image: torch.Tensor,
@@ -167,25 +199,20 @@ class XMDPTPipeline(DiffusionPipeline):
         reference_image = reference_image.to(device)
         pose_image = pose_image.to(device)
         self._check_inputs(reference_image, pose_image)
-        B, C = reference_image.shape[0], self.denoiser.config.in_channels
         conditions = self.encode_conditions(reference_image, pose_image)
         condition = self.denoiser.embed_condition(**conditions)  # (B, D), once per image
 
-        if latents is None:
-            h, w = self.denoiser.config.sample_size
-            latents = torch.randn((B, C, h, w), generator=generator, device=generator.device if generator else None)
-        latents = latents.to(device=device, dtype=self.denoiser.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
-
-        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
-            model_input = self.scheduler.scale_model_input(latents, t)
-            if public_schedule:
-                out = self.public_guided_prediction(model_input, t, conditions, guidance_scale, guidance_power)
-            else:
-                out = self.guided_prediction(model_input, t, condition, guidance_scale, guidance_power)
-            latents = self.scheduler.step(self._sampler_input(out, C), t, latents, generator=generator).prev_sample
-
+        latents = self.denoise(
+            conditions,
+            condition,
+            num_inference_steps,
+            guidance_scale,
+            guidance_power,
+            generator,
+            latents,
+            public_schedule,
+            progress,
+        )
         images = self.codec.decode(latents)
         if output_type == "pt":
             return XMDPTPipelineOutput(images=images)

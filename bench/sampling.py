@@ -1,0 +1,81 @@
+"""Seconds per image of X-MDPT-S sampling: our schedule of work against the public code's, in the same run.
+
+Both run the same model (random weights), the same 50 DDIM steps with guidance 2.0 and the same noise; the public
+schedule runs two unbatched guidance passes per step and pushes the reference tokens through every block (reference
+Sec. 6). Encoders and the VAE run once per image in both and are left out (random features of DINOv2's shapes).
+
+    python bench/sampling.py                  # 256x176 (latent 32x22), batch 1 and 8, fp32
+    python bench/sampling.py --steps 10 --batch 1 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from xmdpt import XMDPTPipeline, make_sampling_scheduler, make_train_scheduler, xmdpt_from_preset
+from xmdpt.conditioning import PixelCodec
+
+
+def build(latent: tuple[int, int], preset: str) -> XMDPTPipeline:
+    torch.manual_seed(0)
+    model = xmdpt_from_preset(preset, sample_size=latent).eval()
+    with torch.no_grad():  # non-zero outputs, so that "identical outputs" means something
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    scheduler = make_sampling_scheduler("ddim", make_train_scheduler().config)
+    # Only the denoising loop is timed: the codec and encoders are placeholders.
+    return XMDPTPipeline(model, PixelCodec(factor=8, channels=4), None, None, scheduler)
+
+
+def conditions(pipe: XMDPTPipeline, batch: int, latent: tuple[int, int]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        pose_features=torch.randn(batch, 257, 768, generator=g),
+        reference_features=torch.randn(batch, 257, 1536, generator=g),
+        reference_latent=torch.randn(batch, 4, *latent, generator=g),
+    )
+
+
+def run(pipe, conds, steps, public, dtype) -> tuple[float, torch.Tensor]:
+    noise = torch.randn(conds["reference_latent"].shape, generator=torch.Generator().manual_seed(2))
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        condition = pipe.denoiser.embed_condition(**conds)
+        out = pipe.denoise(conds, condition, steps, 2.0, latents=noise, public_schedule=public, progress=False)
+    return time.perf_counter() - start, out.float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="S/2")
+    parser.add_argument("--latent", default="32x22", help="latent HxW (32x22 = 256x176 images)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    args = parser.parse_args()
+    latent = tuple(int(v) for v in args.latent.split("x"))
+    pipe = build(latent, args.preset)
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(f"# X-MDPT-{args.preset}, latent {latent[0]}x{latent[1]}, {args.steps} DDIM steps, CFG 2.0, {args.dtype}")
+    print("| batch | public s/image | ours s/image | speed-up | max abs diff |")
+    print("|---|---|---|---|---|")
+    for batch in args.batch:
+        conds = conditions(pipe, batch, latent)
+        run(pipe, {k: v[:1] for k, v in conds.items()}, 2, False, args.dtype)  # warm-up
+        t_public, out_public = run(pipe, conds, args.steps, True, args.dtype)
+        t_ours, out_ours = run(pipe, conds, args.steps, False, args.dtype)
+        diff = (out_public - out_ours).abs().max().item()
+        print(
+            f"| {batch} | {t_public / batch:.2f} | {t_ours / batch:.2f} | {t_public / t_ours:.2f}x | {diff:.1e} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""OpenPose-18 keypoints from a photo with MediaPipe Pose, fully offline.
+
+mediapipe 0.10.21 is the last release whose wheel ships the pose models; `model_complexity=1` uses the bundled
+`pose_landmark_full.tflite` (0 and 2 download at run time and fail offline). It pins numpy < 2, which coexists with
+torch, diffusers, transformers and scikit-image, so it is an optional extra of this package rather than a separate
+interpreter. Its 33 BlazePose landmarks map to COCO-18 as in reference section 12; the neck, which BlazePose lacks, is
+the midpoint of the shoulders.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from xmdpt.data.images import load_image
+from xmdpt.errors import InputError
+from xmdpt.pose.keypoints import NUM_JOINTS, Pose
+
+MEDIAPIPE_VERSION = "0.10.21"
+# COCO-18 joint -> BlazePose landmark (None: the neck, computed from both shoulders).
+BLAZEPOSE_TO_COCO18 = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
+NECK, RIGHT_SHOULDER, LEFT_SHOULDER = 1, 2, 5
+Fit = Literal["crop", "pad", "stretch"]
+
+
+class MissingDependencyError(InputError):
+    """An optional dependency is not installed; the CLI reports it as one line like any bad input."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Keypoints of one photo plus the per-joint confidence (MediaPipe's landmark visibility)."""
+
+    pose: Pose
+    scores: tuple[float | None, ...]
+
+
+def fit_image(image: Image.Image, size: tuple[int, int] | None, fit: Fit = "crop") -> Image.Image:
+    """Bring a photo into the model's frame `size` = (height, width).
+
+    "crop" cuts the centre to the frame's aspect, "pad" extends the shorter side with white (keeps the whole person,
+    like DeepFashion's studio backdrop), "stretch" resizes alone, as the public code does for squares.
+    """
+    if size is None:
+        return image
+    height, width = size
+    w, h = image.size
+    if fit == "crop":
+        if w * height > h * width:  # too wide
+            new_w = round(h * width / height)
+            image = image.crop(((w - new_w) // 2, 0, (w - new_w) // 2 + new_w, h))
+        else:
+            new_h = round(w * height / width)
+            image = image.crop((0, (h - new_h) // 2, w, (h - new_h) // 2 + new_h))
+    elif fit == "pad":
+        new_w, new_h = max(w, round(h * width / height)), max(h, round(w * height / width))
+        canvas = Image.new("RGB", (new_w, new_h), (255, 255, 255))
+        canvas.paste(image, ((new_w - w) // 2, (new_h - h) // 2))
+        image = canvas
+    elif fit != "stretch":
+        raise InputError(f"unknown fit {fit!r}; use crop, pad or stretch")
+    return image.resize((width, height), Image.BICUBIC)
+
+
+class PoseExtractor:
+    """MediaPipe Pose (static images, complexity 1); reuse one instance for many photos."""
+
+    def __init__(self, min_visibility: float = 0.5) -> None:
+        self.min_visibility = min_visibility
+        os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging is noisy on stderr
+        try:
+            import mediapipe as mp
+        except ImportError as err:
+            raise MissingDependencyError(
+                f"pose extraction needs mediapipe {MEDIAPIPE_VERSION} (the last release that bundles its pose "
+                f"models): pip install 'xmdpt[pose]' or pip install mediapipe=={MEDIAPIPE_VERSION} ({err})"
+            ) from err
+        self._pose = mp.solutions.pose.Pose(
+            static_image_mode=True, model_complexity=1, enable_segmentation=False, min_detection_confidence=0.5
+        )
+
+    def close(self) -> None:
+        self._pose.close()
+
+    def __enter__(self) -> PoseExtractor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, image: Image.Image, source: str = "image") -> Detection:
+        """Keypoints of the most prominent person in `image` (RGB), in its pixel frame."""
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        height, width = rgb.shape[:2]
+        result = self._pose.process(rgb)
+        if result.pose_landmarks is None:
+            raise InputError(f"{source}: no person found in the image")
+        marks = result.pose_landmarks.landmark
+        xy = np.full((NUM_JOINTS, 2), np.nan)
+        scores: list[float | None] = [None] * NUM_JOINTS
+        for joint, index in enumerate(BLAZEPOSE_TO_COCO18):
+            if index is None:
+                continue
+            mark = marks[index]
+            # MediaPipe extrapolates hidden joints, sometimes outside the picture: keep only visible, in-frame ones.
+            x, y = mark.x * width, mark.y * height
+            if mark.visibility >= self.min_visibility and 0 <= x <= width and 0 <= y <= height:
+                xy[joint] = (x, y)
+                scores[joint] = float(mark.visibility)
+        if not np.isnan(xy[[RIGHT_SHOULDER, LEFT_SHOULDER]]).any():
+            xy[NECK] = xy[[RIGHT_SHOULDER, LEFT_SHOULDER]].mean(axis=0)
+            scores[NECK] = min(scores[RIGHT_SHOULDER], scores[LEFT_SHOULDER])
+        if np.isnan(xy).all():
+            raise InputError(f"{source}: a person was found but no joint is visible enough")
+        return Detection(Pose(xy, height, width), tuple(scores))
+
+
+def extract_file(
+    path: str | Path, extractor: PoseExtractor, size: tuple[int, int] | None = None, fit: Fit = "crop"
+) -> tuple[Image.Image, Detection]:
+    """Load a photo safely, bring it into the frame `size`, detect its keypoints in that frame."""
+    image = fit_image(load_image(path), size, fit)
+    return image, extractor(image, str(path))

@@ -1,0 +1,104 @@
+"""Pose from a photo with MediaPipe (offline, complexity 1): a real photo that scikit-image ships."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xmdpt.cli import main
+from xmdpt.data.deepfashion import FolderPairs
+from xmdpt.errors import InputError
+from xmdpt.pose.extract import BLAZEPOSE_TO_COCO18, PoseExtractor, fit_image
+from xmdpt.pose.keypoints import Pose
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the astronaut photo")
+try:
+    import mediapipe  # noqa: F401
+
+    MEDIAPIPE = True
+except ImportError:
+    MEDIAPIPE = False
+needs_mediapipe = pytest.mark.skipif(
+    not MEDIAPIPE, reason="mediapipe 0.10.21 is not installed (pip install 'xmdpt[pose]')"
+)
+
+
+@pytest.fixture(scope="module")
+def astronaut(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photo") / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(path)
+    return path
+
+
+@needs_mediapipe
+def test_keypoints_land_on_the_astronaut(astronaut):
+    with PoseExtractor() as extractor:
+        found = extractor(Image.open(astronaut).convert("RGB"))
+    pose = found.pose
+    assert (pose.height, pose.width) == (512, 512)
+    nose, neck = pose.xy[0], pose.xy[1]
+    assert pose.present[[0, 1, 2, 5, 14, 15]].all()
+    assert nose[1] < neck[1]  # image y grows downwards
+    assert (pose.xy[pose.present] >= 0).all() and (pose.xy[pose.present] <= 512).all()
+    # the face is in the upper half, left of centre where the astronaut's head is
+    assert 150 < nose[0] < 300 and 60 < nose[1] < 200
+    # right shoulder on the image's left for a person facing the camera
+    assert pose.xy[2, 0] < neck[0] < pose.xy[5, 0]
+    assert found.scores[0] > 0.9
+    assert all(s is None or s >= 0.5 for s in found.scores)  # hidden joints are dropped, not guessed
+
+
+@needs_mediapipe
+def test_cli_writes_json_preview_and_a_folder_data_set(astronaut, tmp_path, capsys):
+    out = tmp_path / "poses"
+    main(["pose", str(astronaut), "--out", str(out), "--size", "256x176"])
+    assert "of 18 joints" in capsys.readouterr().out
+    pose = Pose.load_json(out / "astronaut.json")
+    assert (pose.height, pose.width) == (256, 176)
+    nose, neck = pose.xy[0], pose.xy[1]
+    hips = pose.xy[[8, 11]][pose.present[[8, 11]]]
+    assert len(hips) >= 1 and nose[1] < neck[1] < hips[:, 1].min()
+    assert (pose.xy[pose.present] >= 0).all() and (pose.xy[pose.present][:, 0] <= 176).all()
+    assert Image.open(out / "astronaut.png").size == (176, 256)
+    preview = np.asarray(Image.open(out / "astronaut_skeleton.png"))
+    assert preview.shape == (256, 176, 3) and preview[int(neck[1]), int(neck[0])].any()
+    assert json.loads((out / "astronaut.json").read_text())["image"] == "astronaut.png"
+    # the output folder is a data set of one's own photos
+    Image.open(out / "astronaut.png").transpose(Image.FLIP_LEFT_RIGHT).save(out / "mirror.png")
+    pose.flipped().save_json(out / "mirror.json")
+    item = FolderPairs(root=out, image_size=(256, 176))[0]
+    assert item["target_image"].shape == (3, 256, 176)
+
+
+def test_missing_mediapipe_is_one_clear_line(monkeypatch, astronaut, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "mediapipe", None)  # import fails as if not installed
+    with pytest.raises(InputError, match=r"pose extraction needs mediapipe 0.10.21.*pip install"):
+        PoseExtractor()
+    with pytest.raises(SystemExit) as exc:
+        main(["pose", str(astronaut), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "needs mediapipe" in capsys.readouterr().err
+
+
+@needs_mediapipe
+def test_cli_bad_photo_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(SystemExit) as exc:
+        main(["pose", str(bad), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "bad.jpg" in err[0]
+
+
+def test_fit_image_frames():
+    photo = Image.new("RGB", (300, 200), (255, 0, 0))
+    assert fit_image(photo, (256, 176), "crop").size == (176, 256)
+    padded = fit_image(photo, (256, 176), "pad")
+    assert padded.size == (176, 256) and padded.getpixel((88, 2)) == (255, 255, 255)
+    assert fit_image(photo, None) is photo
+    assert BLAZEPOSE_TO_COCO18[2] == 12 and BLAZEPOSE_TO_COCO18[5] == 11  # mediapipe's right shoulder is 12
