@@ -10,13 +10,18 @@ import sys
 
 import typer
 
-from xmdpt.cli import data, model, pose
+from xmdpt.cli import data, demo, evaluate, generate, model, pose, serve, train
 from xmdpt.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__)
 app.add_typer(data.app, name="data", help="Prepare DeepFashion and generate the synthetic data set.")
 app.command("pose")(pose.pose)
 app.command("convert")(model.convert)
+app.command("train")(train.train)
+app.command("generate")(generate.generate)
+app.command("demo")(demo.demo)
+app.command("serve")(serve.serve)
+app.command("evaluate")(evaluate.evaluate)
 
 
 def main(argv: list[str] | None = None) -> None:
