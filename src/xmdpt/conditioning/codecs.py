@@ -73,8 +73,9 @@ class PixelCodec(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, factor: int = 4, channels: int = 3):
         super().__init__()
-        # diffusers reads a module's device and dtype off its first tensor; this weight-free codec needs one.
-        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+        # diffusers reads a module's device and dtype off its first tensor, and `from_pretrained` expects a weights
+        # file: this weight-free codec keeps one empty tensor for both.
+        self.register_buffer("device_anchor", torch.zeros(0))
 
     @property
     def latent_channels(self) -> int:

@@ -1,0 +1,107 @@
+"""Build the parts a training run needs from its config: encoders, codec, denoiser, data sets."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.nn as nn
+
+from xmdpt.conditioning import DinoV2Encoder, LearnedImageEncoder, PixelCodec, VAECodec
+from xmdpt.data.deepfashion import Augment, FolderPairs, PairDataset, PidmPairs, deepfashion_csv, market1501
+from xmdpt.errors import InputError
+from xmdpt.models.xmdpt import XMDPT, XMDPT_PRESETS
+from xmdpt.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_encoders(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """(pose encoder, reference encoder). DINOv2 ones are frozen; learned ones train with the denoiser."""
+    c = config.conditioning
+    if c.encoder == "learned":
+        size = list(config.data.size)
+        return (
+            LearnedImageEncoder(image_size=size, width=c.learned_width, input_transform="unit"),
+            LearnedImageEncoder(image_size=size, width=c.learned_width, input_transform="signed"),
+        )
+    quirks = dict(antialias=False) if c.public_quirks else dict(antialias=True)
+    pose = DinoV2Encoder.from_dinov2(
+        c.pose_encoder, input_transform="unit" if c.public_quirks else "imagenet", **quirks
+    )
+    ref = DinoV2Encoder.from_dinov2(
+        c.reference_encoder, input_transform="signed" if c.public_quirks else "imagenet", **quirks
+    )
+    return pose, ref
+
+
+def build_codec(config: TrainConfig) -> nn.Module:
+    c = config.conditioning
+    return VAECodec.from_vae(c.vae) if c.codec == "vae" else PixelCodec(factor=c.pixel_factor)
+
+
+def build_denoiser(config: TrainConfig, codec: nn.Module, pose_encoder: nn.Module, reference_encoder: nn.Module):
+    m = config.model
+    height, width = config.data.size
+    f = codec.downsample_factor
+    if height % (f * m.patch_size) or width % (f * m.patch_size):
+        raise InputError(f"data.size {height}x{width} is not divisible by codec factor {f} x patch {m.patch_size}")
+    sizes = dict(XMDPT_PRESETS[m.preset]) if m.preset else {}
+    if m.preset and m.preset not in XMDPT_PRESETS:
+        raise InputError(f"model.preset={m.preset!r}: choose one of {', '.join(XMDPT_PRESETS)} or null")
+    for key in ("hidden_size", "depth", "num_heads"):
+        if getattr(m, key) is not None:
+            sizes[key] = getattr(m, key)
+    missing = [k for k in ("hidden_size", "depth", "num_heads") if k not in sizes]
+    if missing:
+        raise InputError(f"model.preset is null: give model.{', model.'.join(missing)}")
+    return XMDPT(
+        sample_size=[height // f, width // f],
+        patch_size=m.patch_size,
+        in_channels=codec.latent_channels,
+        learn_sigma=m.learn_sigma,
+        decode_layers=min(m.decode_layers, sizes["depth"]),
+        side_interpolater=config.objective.mask_ratio > 0,
+        pose_feature_dim=pose_encoder.feature_dim,
+        pose_num_tokens=pose_encoder.num_tokens,
+        reference_feature_dim=reference_encoder.feature_dim,
+        reference_num_tokens=reference_encoder.num_tokens,
+        **sizes,
+    )
+
+
+def build_dataset(config: TrainConfig, split: str, train: bool) -> PairDataset:
+    d = config.data
+    size = tuple(d.size)
+    augment = Augment(scale=d.scale, flip=d.flip, swap=d.swap) if train else Augment.off()
+    common = dict(image_size=size, train=train, augment=augment, fail_fast=d.fail_fast)
+    root = Path(d.root)
+    if d.layout == "synthetic":
+        ensure_synthetic(config)
+    if d.layout in ("deepfashion", "synthetic"):
+        return deepfashion_csv(root, split, **common)
+    if d.layout == "market":
+        return market1501(root, split, **common)
+    if d.layout == "pidm":
+        return PidmPairs(root=root, split=split, **common)
+    return FolderPairs(root=root, **common)
+
+
+def ensure_synthetic(config: TrainConfig) -> None:
+    """Generate the synthetic set into data.root unless a set with these settings is already there."""
+    import json
+
+    from xmdpt.data.synthetic import SynthConfig, generate
+
+    d = config.data
+    synth = SynthConfig(
+        num_identities=d.synth_identities, poses_per_identity=d.synth_poses, size=tuple(d.size), seed=d.synth_seed
+    )
+    marker = Path(d.root) / "synth.json"
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if all(saved.get(k) == v for k, v in (("num_identities", synth.num_identities), ("seed", synth.seed))):
+            return
+        raise InputError(f"{d.root}: holds another synthetic set (synth.json differs); choose another data.root")
+    log.info("generating the synthetic set in %s", d.root)
+    generate(d.root, synth)

@@ -1,0 +1,154 @@
+"""Training configuration: typed dataclasses, YAML files under `configs/`, `section.field=value` overrides.
+
+The defaults are the published recipe (reference Sec. 7): X-MDPT-S/2, DINOv2 + SD-VAE, AdamW lr 1e-4, weight decay 0,
+batch 32, EMA 0.9999 every step, bf16 autocast, no warm-up, no clipping, mask ratio 0.3, condition dropout 0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional  # noqa: UP035 - OmegaConf's structured configs need typing.Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from xmdpt.errors import InputError
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = "S/2"  # noqa: UP045 - S/2, B/2, L/2, XL/2; None to give the sizes below
+    hidden_size: Optional[int] = None  # noqa: UP045 - overrides the preset's width
+    depth: Optional[int] = None  # noqa: UP045
+    num_heads: Optional[int] = None  # noqa: UP045
+    patch_size: int = 2
+    learn_sigma: bool = True
+    decode_layers: int = 2  # blocks after the side-interpolater (paper: 2)
+
+
+@dataclass
+class ConditioningConfig:
+    encoder: str = "dinov2"  # "dinov2" (frozen, published) or "learned" (trained with the model, no weights needed)
+    pose_encoder: str = "facebook/dinov2-base"  # Hub id or local folder
+    reference_encoder: str = "facebook/dinov2-giant"
+    public_quirks: bool = True  # DINOv2 inputs as the public code feeds them (no ImageNet norm, no antialias)
+    learned_width: int = 128
+    codec: str = "vae"  # "vae" (SD-VAE latents) or "pixel" (lossless pixel-unshuffle)
+    vae: str = "stabilityai/sd-vae-ft-mse"
+    pixel_factor: int = 4
+
+
+@dataclass
+class DataConfig:
+    layout: str = "deepfashion"  # deepfashion | market | pidm | folder | synthetic
+    root: str = "data/fashion"
+    size: list[int] = field(default_factory=lambda: [256, 176])  # (height, width); [256, 256] stretches as public
+    scale: float = 0.05  # augmentation: random up-scale in [0, scale] and crop back
+    flip: bool = True
+    swap: bool = True
+    num_workers: int = 4
+    fail_fast: bool = False  # raise on the first bad sample instead of skipping and counting it
+    # layout "synthetic": the set is generated into `root` when it is not there yet
+    synth_identities: int = 1000
+    synth_poses: int = 4
+    synth_seed: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    prediction_type: str = "epsilon"  # epsilon (published) | v_prediction | sample
+    mask_ratio: float = 0.3  # 0 disables the masked pass (and the side blocks)
+    condition_dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 32  # global batch per optimiser step, over all processes and accumulation steps
+    grad_accum: int = 1
+    grad_clip: Optional[float] = None  # noqa: UP045 - max gradient norm; None = no clipping (published)
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    ema_decay: float = 0.9999
+    ema_start: int = 0  # the EMA copies the weights until this step, then averages
+    max_steps: int = 800_000
+    mixed_precision: str = "bf16"  # fp32 | bf16 | fp16 (autocast; weights stay fp32)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/xmdpt"
+    seed: int = 0
+    checkpoint_every: int = 10_000
+    keep_last: int = 3
+    log_every: int = 50
+    sample_every: int = 10_000  # a grid of EMA samples on fixed validation pairs; 0 = never
+    sample_pairs: int = 8
+    sample_steps: int = 50
+    on_nan: str = "stop"  # stop: keep the last good checkpoint and stop; skip: drop the step and go on
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES = {
+    "conditioning.encoder": ("dinov2", "learned"),
+    "conditioning.codec": ("vae", "pixel"),
+    "data.layout": ("deepfashion", "market", "pidm", "folder", "synthetic"),
+    "objective.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "optim.mixed_precision": ("fp32", "bf16", "fp16"),
+    "run.on_nan": ("stop", "skip"),
+    "run.device": ("auto", "cpu", "cuda"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- `section.field=value` overrides, type-checked against the dataclasses."""
+    merged = OmegaConf.structured(TrainConfig)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise InputError(f"{path}: no such config file")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise InputError(f"override {item!r} must look like section.field=value, e.g. optim.lr=3e-4")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+    except OmegaConfBaseException as err:
+        where = f"{path}: " if path is not None else ""
+        raise InputError(f"{where}{str(err).splitlines()[0]}") from None
+    config: TrainConfig = OmegaConf.to_object(merged)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise InputError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+    o = config.optim
+    if o.batch_size < 1 or o.grad_accum < 1 or o.batch_size % o.grad_accum:
+        raise InputError(f"optim.batch_size={o.batch_size} must be a positive multiple of grad_accum={o.grad_accum}")
+    if len(config.data.size) != 2 or min(config.data.size) < 8:
+        raise InputError(f"data.size={config.data.size} must be [height, width]")
+    if not 0 <= config.objective.mask_ratio < 1:
+        raise InputError(f"objective.mask_ratio={config.objective.mask_ratio} must lie in [0, 1)")

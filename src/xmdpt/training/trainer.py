@@ -1,0 +1,546 @@
+"""The training loop on Hugging Face Accelerate: one CPU to many GPUs, exact resume, nothing lost.
+
+Determinism is by construction rather than by saved generator states: the data order is a permutation per epoch
+seeded by (seed, epoch); each sample's augmentation is seeded by (seed, epoch, index); each micro-batch's diffusion
+draws (timesteps, noise, dropout, masks) are drawn for the whole global batch from (seed, micro-batch) and sliced per
+process. So a resumed run continues bit for bit from its step, and N processes see the samples and randomness of one
+process on the same global batch.
+
+Checkpoints (`out_dir/checkpoints/step_XXXXXXXX/`) are written to a temporary folder and renamed into place:
+`trainer_state.json` (step, config, counters, LR schedule), `model.safetensors`, `ema.safetensors`,
+`optimizer.safetensors` + `optimizer.json`, and `pipeline/`, the EMA weights as an `XMDPTPipeline` folder that the
+sampling side loads directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from xmdpt.diffusion import LossDraws, XMDPTLoss, make_train_scheduler
+from xmdpt.errors import InputError
+from xmdpt.pipeline import XMDPTPipeline, make_sampling_scheduler, to_pil
+from xmdpt.training.build import build_codec, build_dataset, build_denoiser, build_encoders
+from xmdpt.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+#################################################################################
+#                        Deterministic, resumable data order                    #
+#################################################################################
+
+
+class SeededItems(Dataset):
+    """Wraps a data set whose augmentation draws from torch's global generator: item `epoch * n + index` is drawn
+    under the seed (seed, epoch, index), whatever process, worker or resume serves it."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> dict:
+        epoch, index = divmod(key, len(self.dataset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This process's slice of global micro-batches `start, start + 1, ...` of an endless stream of per-epoch
+    permutations: item keys are `epoch * n + index` (see `SeededItems`)."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, start: int, stop: int, rank: int, world: int):
+        if global_batch % world:
+            raise InputError(f"the micro-batch of {global_batch} does not split over {world} processes")
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.start, self.stop, self.rank, self.local = start, stop, rank, global_batch // world
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _key(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)))
+        return epoch * self.n + int(self._perm[1][offset])
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        for batch in range(self.start, self.stop):
+            first = batch * self.global_batch + self.rank * self.local
+            yield [self._key(p) for p in range(first, first + self.local)]
+
+
+def draw_seed(seed: int, micro_batch: int) -> int:
+    return (seed * 7_919 + 17) * 1_000_000_007 + micro_batch
+
+
+#################################################################################
+#                                 The training step                             #
+#################################################################################
+
+
+class TrainStep(nn.Module):
+    """What DDP wraps: the trainable parts (the denoiser and any learned encoders) and the loss. Frozen encoders
+    are kept outside the module tree so that DDP neither broadcasts nor wraps them."""
+
+    def __init__(self, denoiser: nn.Module, pose_encoder: nn.Module, reference_encoder: nn.Module, objective):
+        super().__init__()
+        self.trainable = nn.ModuleDict({"denoiser": denoiser})
+        self.frozen: dict[str, nn.Module] = {}
+        for name, encoder in (("pose_encoder", pose_encoder), ("reference_encoder", reference_encoder)):
+            if any(p.requires_grad for p in encoder.parameters()):
+                self.trainable[name] = encoder
+            else:
+                self.frozen[name] = encoder
+        self.objective = objective
+
+    def encoder(self, name: str) -> nn.Module:
+        return self.trainable[name] if name in self.trainable else self.frozen[name]
+
+    def forward(self, target_latents, reference_latent, pose_images, reference_images, draws: LossDraws):
+        pose_features = self.encoder("pose_encoder")(pose_images)  # (B, T_p, W_p)
+        reference_features = self.encoder("reference_encoder")((reference_images + 1) / 2)  # (B, T_r, W_r)
+        out = self.objective(
+            self.trainable["denoiser"],
+            target_latents,
+            pose_features,
+            reference_features,
+            reference_latent,
+            draws=draws,
+        )
+        zeros = torch.zeros_like(out.full)
+        return out.loss, out.full, out.masked if out.masked is not None else zeros
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    interrupted: bool = False
+
+
+#################################################################################
+#                                  The trainer                                  #
+#################################################################################
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        self.config = config
+        self.out_dir = Path(config.run.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        o, r = config.optim, config.run
+        cpu = r.device == "cpu" or (r.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision="no" if o.mixed_precision == "fp32" else o.mixed_precision,
+            gradient_accumulation_steps=o.grad_accum,
+            log_with="tensorboard",
+            project_dir=str(self.out_dir),
+        )
+        acc = self.accelerator
+        if acc.is_main_process:
+            preflight(self.out_dir)
+        acc.wait_for_everyone()
+
+        torch.manual_seed(r.seed)  # the initial weights
+        self.pose_encoder, self.reference_encoder = build_encoders(config)
+        self.codec = build_codec(config).to(acc.device)
+        self.denoiser = build_denoiser(config, self.codec, self.pose_encoder, self.reference_encoder)
+        self.objective = XMDPTLoss(
+            make_train_scheduler(config.objective.prediction_type, config.model.learn_sigma),
+            mask_ratio=config.objective.mask_ratio,
+            condition_dropout=config.objective.condition_dropout,
+        )
+        self.step_module = TrainStep(self.denoiser, self.pose_encoder, self.reference_encoder, self.objective)
+        for encoder in self.step_module.frozen.values():
+            encoder.to(acc.device)
+        self.ema = AveragedModel(self.step_module.trainable, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay))
+        self.optimizer = torch.optim.AdamW(
+            self.step_module.trainable.parameters(), lr=o.lr, weight_decay=o.weight_decay
+        )
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.warmup)
+        self.step, self.skipped_nan, self.last_checkpoint = 0, 0, None
+        if resume:
+            self.resume()
+        self.step_module, self.optimizer = acc.prepare(self.step_module, self.optimizer)
+        self.ema.to(acc.device)
+
+        self.dataset = build_dataset(config, "train", train=True)
+        if len(self.dataset) == 0:
+            raise InputError(f"{config.data.root}: the training split has no pairs")
+        self.val_items = self.validation_items()
+        if acc.is_main_process:
+            (self.out_dir / "config.yaml").write_text(config.to_yaml())
+            acc.init_trackers("tb", config=flat_config(config))
+        log.info(
+            "X-MDPT %s parameters, %d training pairs, %d process(es) on %s",
+            f"{self.denoiser.num_parameters():,}",
+            len(self.dataset),
+            acc.num_processes,
+            acc.device,
+        )
+
+    # ---- schedule --------------------------------------------------------------------------------------------
+    def warmup(self, step: int) -> float:
+        w = self.config.optim.warmup_steps
+        return min(1.0, (step + 1) / w) if w > 0 else 1.0
+
+    def loader(self) -> DataLoader:
+        o, acc = self.config.optim, self.accelerator
+        micro = o.batch_size // o.grad_accum
+        sampler = GlobalBatchSampler(
+            len(self.dataset),
+            micro,
+            self.config.run.seed,
+            start=self.step * o.grad_accum,
+            stop=o.max_steps * o.grad_accum,
+            rank=acc.process_index,
+            world=acc.num_processes,
+        )
+        workers = self.config.data.num_workers
+        return DataLoader(
+            SeededItems(self.dataset, self.config.run.seed),
+            batch_sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        o, r, acc = self.config.optim, self.config.run, self.accelerator
+        micro = o.batch_size // o.grad_accum
+        local = micro // acc.num_processes
+        bar = tqdm(total=o.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train", unit="step")
+        window_start, window_samples = time.perf_counter(), 0
+        micro_index = self.step * o.grad_accum
+        self.step_module.train()
+        try:
+            for batch in self.loader():
+                if self.step >= o.max_steps:
+                    break
+                draws = self.objective.draw(
+                    (micro, self.denoiser.config.in_channels, *self.denoiser.config.sample_size),
+                    self.denoiser.num_tokens,
+                    torch.Generator().manual_seed(draw_seed(r.seed, micro_index)),
+                )
+                rank = acc.process_index
+                draws = draws[rank * local : (rank + 1) * local].to(acc.device)
+                vae_generator = torch.Generator().manual_seed(draw_seed(r.seed + rank + 1, micro_index))
+                micro_index += 1
+                with acc.accumulate(self.step_module):
+                    loss, full, masked = self.forward(batch, draws, vae_generator)
+                    if not self.all_finite(loss):
+                        if r.on_nan == "stop":
+                            raise NonFiniteLoss(
+                                f"non-finite loss at step {self.step + 1}; stopped. The last good checkpoint is "
+                                f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
+                            )
+                        self.skipped_nan += 1
+                        log.warning(
+                            "non-finite loss at step %d: step skipped (%d so far)", self.step + 1, self.skipped_nan
+                        )
+                        self.optimizer.zero_grad(set_to_none=True)
+                        continue
+                    acc.backward(loss)
+                    if acc.sync_gradients and o.grad_clip:
+                        acc.clip_grad_norm_(self.step_module.parameters(), o.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window_samples += micro
+                if not acc.sync_gradients:
+                    continue
+                self.step += 1
+                self.lr_schedule.step()
+                self.update_ema()
+                bar.update(1)
+                if self.step % r.log_every == 0 or self.step == o.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    self.log_scalars(loss, full, masked, window_samples / max(elapsed, 1e-9))
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    window_start, window_samples = time.perf_counter(), 0
+                if r.sample_every and self.step % r.sample_every == 0:
+                    self.sample_grid()
+                if self.step % r.checkpoint_every == 0 or self.step == o.max_steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            log.warning("interrupted at step %d: writing a checkpoint", self.step)
+            if self.step and (
+                self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}")
+            ):
+                self.save_checkpoint()
+            bar.close()
+            return TrainResult(self.step, self.last_checkpoint, interrupted=True)
+        bar.close()
+        self.finish()
+        return TrainResult(self.step, self.last_checkpoint)
+
+    def forward(self, batch: dict, draws: LossDraws, vae_generator: torch.Generator):
+        device = self.accelerator.device
+        target = batch["target_image"].to(device)
+        reference = batch["reference_image"].to(device)
+        with torch.no_grad():
+            target_latents = self.codec.encode(target, sample=True, generator=vae_generator).float()
+            reference_latent = self.codec.encode(reference).float()  # the deterministic posterior mean
+        with self.accelerator.autocast():
+            return self.step_module(
+                target_latents, reference_latent, batch["target_pose"].to(device), reference, draws
+            )
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        return bool(self.accelerator.gather(flag).min() > 0)
+
+    def update_ema(self) -> None:
+        if self.step >= self.config.optim.ema_start:
+            self.ema.update_parameters(self.accelerator.unwrap_model(self.step_module).trainable)
+
+    def log_scalars(self, loss, full, masked, samples_per_second: float) -> None:
+        acc = self.accelerator
+        values = {
+            "loss/total": acc.gather(loss.detach().reshape(1)).mean().item(),
+            "loss/full_pass": acc.gather(full.detach()).mean().item(),
+            "loss/masked_pass": acc.gather(masked.detach()).mean().item(),
+            "lr": self.lr_schedule.get_last_lr()[0],
+            "throughput/samples_per_second": samples_per_second,
+            "data/skipped_bad_samples": float(self.dataset.skipped),
+            "data/skipped_nan_steps": float(self.skipped_nan),
+        }
+        acc.log(values, step=self.step)
+
+    # ---- EMA samples on fixed validation pairs ---------------------------------------------------------------
+    def validation_items(self) -> list[dict]:
+        n = self.config.run.sample_pairs
+        if not self.config.run.sample_every or n <= 0:
+            return []
+        try:
+            dataset = build_dataset(self.config, "test", train=False)
+        except InputError:
+            dataset = build_dataset(self.config, "train", train=False)
+        return [dataset[i] for i in range(min(n, len(dataset)))]
+
+    def ema_pipeline(self) -> XMDPTPipeline:
+        ema = self.ema.module
+        frozen = self.accelerator.unwrap_model(self.step_module).frozen
+        pick = lambda name: ema[name] if name in ema else frozen[name]  # noqa: E731
+        scheduler = make_sampling_scheduler("ddim", self.objective.scheduler.config)
+        return XMDPTPipeline(ema["denoiser"], self.codec, pick("pose_encoder"), pick("reference_encoder"), scheduler)
+
+    @torch.no_grad()
+    def sample_grid(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process and self.val_items:
+            pipe = self.ema_pipeline()
+            ref = torch.stack([v["reference_image"] for v in self.val_items])
+            pose = torch.stack([v["target_pose"] for v in self.val_items])
+            target = torch.stack([v["target_image"] for v in self.val_items])
+            images = pipe(
+                ref,
+                pose,
+                num_inference_steps=self.config.run.sample_steps,
+                generator=torch.Generator().manual_seed(self.config.run.seed),
+                output_type="pt",
+                progress=False,
+            ).images.cpu()
+            rows = torch.stack([ref, pose * 2 - 1, images.float(), target], dim=1).flatten(0, 1)  # (4N, 3, H, W)
+            grid = make_grid(rows, columns=4)
+            path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            to_pil(grid[None])[0].save(path)
+            tracker = acc.get_tracker("tensorboard", unwrap=True)
+            tracker.add_image("samples/reference|pose|generated|target", (grid + 1) / 2, self.step)
+            self.ema.module.train()
+        acc.wait_for_everyone()
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = self.ckpt_dir / f"step_{self.step:08d}"
+            tmp = self.ckpt_dir / f".tmp_step_{self.step:08d}_{os.getpid()}"
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                self.write_checkpoint(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)  # atomic: a checkpoint folder is either whole or absent
+                atomic_write_text(self.ckpt_dir / "latest", final.name + "\n")
+            except OSError as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise OSError(
+                    f"could not write checkpoint {final} ({err.strerror or err}); "
+                    f"the previous one ({self.last_checkpoint or 'none'}) is intact"
+                ) from err
+            self.prune()
+            log.info("checkpoint %s", final)
+        self.last_checkpoint = self.ckpt_dir / f"step_{self.step:08d}"
+        acc.wait_for_everyone()
+
+    def write_checkpoint(self, folder: Path) -> None:
+        trainable = self.accelerator.unwrap_model(self.step_module).trainable
+        save_file(contiguous(trainable.state_dict()), folder / "model.safetensors")
+        ema_state = contiguous(self.ema.state_dict())
+        save_file(ema_state, folder / "ema.safetensors")
+        tensors, structure = flatten_optimizer(self.optimizer.state_dict())
+        save_file(tensors, folder / "optimizer.safetensors")
+        (folder / "optimizer.json").write_text(json.dumps(structure))
+        state = {
+            "step": self.step,
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "skipped_nan_steps": self.skipped_nan,
+            "skipped_bad_samples": self.dataset.skipped,
+            "config": self.config.to_dict(),
+        }
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        self.ema_pipeline().save_pretrained(folder / "pipeline")
+
+    def prune(self) -> None:
+        keep = self.config.run.keep_last
+        done = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> None:
+        latest = self.ckpt_dir / "latest"
+        if not latest.is_file():
+            log.info("no checkpoint in %s: starting from scratch", self.ckpt_dir)
+            return
+        folder = self.ckpt_dir / latest.read_text().strip()
+        try:
+            state = json.loads((folder / "trainer_state.json").read_text())
+            self.step_module.trainable.load_state_dict(load_file(folder / "model.safetensors"))
+            self.ema.load_state_dict(load_file(folder / "ema.safetensors"))
+            structure = json.loads((folder / "optimizer.json").read_text())
+            self.optimizer.load_state_dict(unflatten_optimizer(load_file(folder / "optimizer.safetensors"), structure))
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise InputError(f"{folder}: cannot resume from this checkpoint ({str(err).splitlines()[0]})") from None
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step, self.skipped_nan = state["step"], state.get("skipped_nan_steps", 0)
+        self.last_checkpoint = folder
+        log.info("resumed from %s at step %d", folder, self.step)
+
+    def finish(self) -> None:
+        """Check that every process holds the same weights, and write the run summary."""
+        acc = self.accelerator
+        weights = acc.unwrap_model(self.step_module).trainable
+        checksum = torch.stack([p.detach().double().sum() for p in weights.parameters()]).sum().reshape(1)
+        sums = acc.gather(checksum.to(acc.device)).cpu()
+        if acc.is_main_process:
+            summary = {
+                "step": self.step,
+                "processes": acc.num_processes,
+                "ranks_agree": bool(torch.all(sums == sums[0])),
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "skipped_nan_steps": self.skipped_nan,
+                "skipped_bad_samples": self.dataset.skipped,
+            }
+            atomic_write_text(self.out_dir / "run_summary.json", json.dumps(summary, indent=1) + "\n")
+            if not summary["ranks_agree"]:
+                log.error("the processes hold different weights: %s", sums.tolist())
+            if self.dataset.skipped:
+                log.warning("%d bad samples were skipped", self.dataset.skipped)
+        acc.end_training()
+
+
+#################################################################################
+#                                    Helpers                                    #
+#################################################################################
+
+
+def preflight(out_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint: the run folder must be writable."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"{out_dir}: cannot write the run folder ({err.strerror or err})") from None
+
+
+def check_free_space(out_dir: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(out_dir).free
+    if free < needed_bytes:
+        raise InputError(
+            f"{out_dir}: {free / 2**30:.1f} GiB free, a checkpoint needs about {needed_bytes / 2**30:.1f} GiB"
+        )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def contiguous(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict as safetensors tensors + a JSON structure (no pickle)."""
+    tensors, per_param = {}, {}
+    for index, values in state["state"].items():
+        per_param[str(index)] = {}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                per_param[str(index)][key] = None
+            else:
+                per_param[str(index)][key] = value
+    return tensors, {"state": per_param, "param_groups": state["param_groups"]}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
+    state = {}
+    for index, values in structure["state"].items():
+        state[int(index)] = {k: tensors[f"{index}.{k}"] if v is None else v for k, v in values.items()}
+    return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def make_grid(images: torch.Tensor, columns: int, pad: int = 2) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> (3, rows * (H + pad), columns * (W + pad)) on a white background."""
+    from torchvision.utils import make_grid as tv_grid
+
+    return tv_grid(images, nrow=columns, padding=pad, pad_value=1.0)
+
+
+def flat_config(config: TrainConfig) -> dict:
+    out = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            out[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Build a trainer from the config and run it to `optim.max_steps`."""
+    trainer = Trainer(config, resume=resume)
+    if trainer.step >= config.optim.max_steps:
+        log.info("already at step %d of %d", trainer.step, config.optim.max_steps)
+        return TrainResult(trainer.step, trainer.last_checkpoint)
+    if trainer.accelerator.is_main_process:
+        params = sum(p.numel() for p in trainer.step_module.parameters())
+        check_free_space(trainer.out_dir, params * 4 * 6)  # weights, EMA, 2 Adam moments, pipeline, margin
+    return trainer.train()

@@ -1,0 +1,324 @@
+"""Training: configs, the loop, checkpoints, exact resume after SIGKILL, two-process DDP, faults, TensorBoard."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xmdpt.cli import main
+from xmdpt.pipeline import XMDPTPipeline
+from xmdpt.training.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.preset=null",
+    "model.hidden_size=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "conditioning.encoder=learned",
+    "conditioning.learned_width=32",
+    "conditioning.codec=pixel",
+    "conditioning.pixel_factor=4",
+    "data.layout=synthetic",
+    "data.size=[32,24]",
+    "data.num_workers=0",
+    "data.synth_identities=12",
+    "objective.prediction_type=v_prediction",
+    "optim.lr=1e-3",
+    "optim.batch_size=4",
+    "optim.ema_decay=0.9",
+    "optim.mixed_precision=fp32",
+    "run.device=cpu",
+    "run.log_every=2",
+    "run.sample_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    from xmdpt.data.synthetic import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, SynthConfig(num_identities=12, poses_per_identity=4, size=(32, 24), seed=0), progress=False)
+    return root
+
+
+def overrides(synth_root, out_dir, *extra):
+    return [*TINY, f"data.root={synth_root}", f"run.out_dir={out_dir}", *extra]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_train(args, **kwargs):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "xmdpt", "train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(run_dir / "checkpoints" / latest / "model.safetensors")
+
+
+# ---- configs ----------------------------------------------------------------------------------------------------
+
+
+def test_shipped_configs_resolve_and_dry_run_prints_them(capsys):
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.optim.batch_size % config.optim.grad_accum == 0
+    main(["train", "-c", str(ROOT / "configs" / "synthetic-cpu.yaml"), "--dry-run", "optim.lr=0.002"])
+    out = capsys.readouterr().out
+    assert "lr: 0.002" in out and "layout: synthetic" in out
+
+
+def test_published_recipe_is_the_default():
+    c = load_config()
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.batch_size, c.optim.ema_decay) == (1e-4, 0.0, 32, 0.9999)
+    assert (c.objective.mask_ratio, c.objective.condition_dropout, c.optim.mixed_precision) == (0.3, 0.1, "bf16")
+    assert c.optim.grad_clip is None and c.optim.warmup_steps == 0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=fast", "could not be converted"),
+        ("optim.nope=1", "nope"),
+        ("run.on_nan=retry", "on_nan"),
+        ("optim.batch_size=6", "multiple"),
+        ("lr", "section.field=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--dry-run", "optim.grad_accum=4", override])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# ---- the loop, checkpoints, logs ------------------------------------------------------------------------------
+
+
+def test_training_writes_checkpoints_logs_and_a_loadable_pipeline(synth_root, tmp_path):
+    from xmdpt.training.trainer import train
+
+    out = tmp_path / "run"
+    config = load_config(
+        None,
+        overrides(
+            synth_root,
+            out,
+            "optim.max_steps=6",
+            "run.checkpoint_every=2",
+            "run.keep_last=2",
+            "run.sample_every=3",
+            "run.sample_pairs=2",
+            "run.sample_steps=2",
+        ),
+    )
+    result = train(config)
+    assert result.step == 6 and not result.interrupted
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000004", "step_00000006"]  # the last 2 kept
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["config"]["optim"]["batch_size"] == 4
+    assert (out / "config.yaml").read_text() == config.to_yaml()
+    assert (out / "samples" / "step_00000003.png").exists() and (out / "samples" / "step_00000006.png").exists()
+    # The exported EMA pipeline loads directly and samples.
+    pipe = XMDPTPipeline.from_pretrained(out / "checkpoints" / "step_00000006" / "pipeline")
+    ema = load_file(out / "checkpoints" / "step_00000006" / "ema.safetensors")
+    torch.testing.assert_close(pipe.denoiser.pos_embed, ema["module.denoiser.pos_embed"])
+    images = pipe(torch.zeros(1, 3, 32, 24), torch.zeros(1, 3, 32, 24), num_inference_steps=2, progress=False).images
+    assert images[0].size == (24, 32)
+    # TensorBoard holds both passes' losses apart, the learning rate and the throughput.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/full_pass", "loss/masked_pass", "lr", "throughput/samples_per_second"} <= tags
+    assert len(events.Tags()["images"]) == 1
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["ranks_agree"] and summary["step"] == 6
+
+
+def test_resume_after_sigkill_is_bit_identical(synth_root, tmp_path):
+    common = ["optim.max_steps=30", "run.checkpoint_every=5", "run.keep_last=10"]
+    straight = run_train(overrides(synth_root, tmp_path / "straight", *common))
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+
+    killed = run_train(overrides(synth_root, tmp_path / "killed", *common))
+    target = tmp_path / "killed" / "checkpoints" / "step_00000010"
+    deadline = time.time() + 240
+    while not target.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = run_train([*overrides(synth_root, tmp_path / "killed", *common), "--resume"])
+    log = resumed.stdout.read()
+    assert resumed.wait(timeout=300) == 0, log
+    assert "resumed from" in log
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_one_model_equal_to_one_process(synth_root, tmp_path):
+    common = ["optim.max_steps=4", "run.checkpoint_every=4", "optim.batch_size=4"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "xmdpt",
+            "train",
+            *overrides(synth_root, tmp_path / "ddp", *common),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    single = run_train(overrides(synth_root, tmp_path / "single", *common))
+    assert single.wait(timeout=300) == 0, single.stdout.read()
+    summary = json.loads((tmp_path / "ddp" / "run_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["ranks_agree"]
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+# ---- faults -----------------------------------------------------------------------------------------------------
+
+
+def nan_after(trainer, step):
+    original = trainer.step_module.forward
+
+    def forward(*args, **kwargs):
+        loss, full, masked = original(*args, **kwargs)
+        if trainer.step >= step:
+            loss = loss * float("nan")
+        return loss, full, masked
+
+    trainer.step_module.forward = forward
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synth_root, tmp_path):
+    from xmdpt.training.trainer import NonFiniteLoss, Trainer
+
+    config = load_config(None, overrides(synth_root, tmp_path / "run", "optim.max_steps=10", "run.checkpoint_every=2"))
+    trainer = Trainer(config)
+    nan_after(trainer, 3)
+    with pytest.raises(NonFiniteLoss, match="step 4.*step_00000002"):
+        trainer.train()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_nan_loss_can_skip_the_step(synth_root, tmp_path):
+    from xmdpt.training.trainer import Trainer
+
+    config = load_config(
+        None, overrides(synth_root, tmp_path / "run", "optim.max_steps=4", "run.checkpoint_every=4", "run.on_nan=skip")
+    )
+    trainer = Trainer(config)
+    original = trainer.step_module.forward
+    calls = {"n": 0}
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        loss, full, masked = original(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 2 else loss), full, masked
+
+    trainer.step_module.forward = forward
+    result = trainer.train()
+    assert result.step == 4 and trainer.skipped_nan == 1
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
+
+
+def test_unwritable_run_folder_fails_before_training(synth_root, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as info:
+        main(["train", *overrides(synth_root, blocker / "run", "optim.max_steps=2")])
+    assert info.value.code == 2
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one_intact(synth_root, tmp_path):
+    from xmdpt.training.trainer import Trainer
+
+    config = load_config(None, overrides(synth_root, tmp_path / "run", "optim.max_steps=6", "run.checkpoint_every=2"))
+    trainer = Trainer(config)
+    original = trainer.write_checkpoint
+
+    def write(folder):
+        if trainer.step == 4:
+            (folder / "model.safetensors").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        original(folder)
+
+    trainer.write_checkpoint = write
+    with pytest.raises(OSError, match="No space left.*step_00000002.*intact"):
+        trainer.train()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]
+    load_file(ckpts / "step_00000002" / "model.safetensors")  # still readable
+
+
+def test_ctrl_c_writes_a_checkpoint(synth_root, tmp_path):
+    from xmdpt.training.trainer import Trainer
+
+    config = load_config(
+        None, overrides(synth_root, tmp_path / "run", "optim.max_steps=50", "run.checkpoint_every=100")
+    )
+    trainer = Trainer(config)
+    original = trainer.update_ema
+
+    def update():
+        original()
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+
+    trainer.update_ema = update
+    result = trainer.train()
+    assert result.interrupted and result.step == 3
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
