@@ -322,3 +322,32 @@ def test_ctrl_c_writes_a_checkpoint(synth_root, tmp_path):
     result = trainer.train()
     assert result.interrupted and result.step == 3
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+def test_published_setup_trains_with_frozen_dinov2_and_vae(synth_root, tmp_path, tiny_hub):
+    """The DeepFashion recipe's code path (frozen DINOv2 encoders, SD-VAE latents) with tiny stand-ins."""
+    from xmdpt.training.trainer import Trainer
+
+    config = load_config(
+        ROOT / "configs" / "deepfashion-256x176-S.yaml",
+        [
+            *overrides(synth_root, tmp_path / "run", "optim.max_steps=2", "run.checkpoint_every=2"),
+            "conditioning.encoder=dinov2",
+            f"conditioning.pose_encoder={tiny_hub / 'dinov2'}",
+            f"conditioning.reference_encoder={tiny_hub / 'dinov2'}",
+            "conditioning.codec=vae",
+            f"conditioning.vae={tiny_hub / 'vae'}",
+            "data.size=[64,48]",
+        ],
+    )
+    trainer = Trainer(config)
+    assert set(trainer.step_module.trainable) == {"denoiser"}  # frozen encoders stay outside DDP's module
+    assert trainer.denoiser.config.sample_size == [8, 6] and trainer.denoiser.config.pose_num_tokens == 257
+    result = trainer.train()
+    assert result.step == 2
+    pipe = XMDPTPipeline.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000002" / "pipeline")
+    assert type(pipe.codec).__name__ == "VAECodec" and type(pipe.pose_encoder).__name__ == "DinoV2Encoder"
+    assert (
+        pipe.pose_encoder.config.input_transform == "unit"
+        and pipe.reference_encoder.config.input_transform == "signed"
+    )
