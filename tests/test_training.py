@@ -351,3 +351,47 @@ def test_published_setup_trains_with_frozen_dinov2_and_vae(synth_root, tmp_path,
         pipe.pose_encoder.config.input_transform == "unit"
         and pipe.reference_encoder.config.input_transform == "signed"
     )
+
+
+def test_feature_cache_serves_the_frozen_outputs_and_trains(synth_root, tmp_path, tiny_hub):
+    from xmdpt.training.cache import CachedPairs, image_tensors
+    from xmdpt.training.trainer import Trainer
+
+    config = load_config(
+        None,
+        [
+            *overrides(synth_root, tmp_path / "run", "optim.max_steps=2", "run.checkpoint_every=2"),
+            "conditioning.encoder=dinov2",
+            f"conditioning.pose_encoder={tiny_hub / 'dinov2'}",
+            f"conditioning.reference_encoder={tiny_hub / 'dinov2'}",
+            "conditioning.codec=vae",
+            f"conditioning.vae={tiny_hub / 'vae'}",
+            "data.size=[64,48]",
+            "data.scale=0",
+            "data.cache_features=true",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
+    trainer = Trainer(config)
+    assert isinstance(trainer.dataset, CachedPairs) and list((tmp_path / "cache").glob("shard_*.safetensors"))
+    # A cached entry equals the frozen networks' output on the (flipped) image, to float16 precision.
+    name = trainer.images.pairs[0].target
+    image, pose = image_tensors(trainer.images, name, flip=True)
+    entry = trainer.dataset.entry(name, flip=True)
+    frozen = trainer.accelerator.unwrap_model(trainer.step_module).frozen
+    with torch.no_grad():
+        expected = frozen["pose_encoder"](pose[None])[0]
+        latent = trainer.codec.encode(image[None])[0]
+    torch.testing.assert_close(entry["pose_features"], expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(entry["mean"], latent, rtol=1e-2, atol=1e-2)
+    assert trainer.train().step == 2
+    with pytest.raises(Exception, match="data.scale=0"):
+        Trainer(load_config(None, [*config_overrides(config), "data.scale=0.05"]))
+
+
+def config_overrides(config):
+    flat = []
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            flat.append(f"{section}.{key}={'null' if value is None else value}")
+    return [item.replace("True", "true").replace("False", "false") for item in flat]

@@ -50,6 +50,9 @@ class DataConfig:
     swap: bool = True
     num_workers: int = 4
     fail_fast: bool = False  # raise on the first bad sample instead of skipping and counting it
+    # Pre-compute the frozen VAE and DINOv2 outputs once (see xmdpt/training/cache.py); needs scale=0.
+    cache_features: bool = False
+    cache_dir: Optional[str] = None  # noqa: UP045 - default: <root>/.xmdpt-cache/<key of encoders, codec, size>
     # layout "synthetic": the set is generated into `root` when it is not there yet
     synth_identities: int = 1000
     synth_poses: int = 4

@@ -113,9 +113,14 @@ class TrainStep(nn.Module):
     def encoder(self, name: str) -> nn.Module:
         return self.trainable[name] if name in self.trainable else self.frozen[name]
 
-    def forward(self, target_latents, reference_latent, pose_images, reference_images, draws: LossDraws):
-        pose_features = self.encoder("pose_encoder")(pose_images)  # (B, T_p, W_p)
-        reference_features = self.encoder("reference_encoder")((reference_images + 1) / 2)  # (B, T_r, W_r)
+    def forward(
+        self, target_latents, reference_latent, pose_images, reference_images, draws: LossDraws, features=None
+    ):
+        if features is None:
+            pose_features = self.encoder("pose_encoder")(pose_images)  # (B, T_p, W_p)
+            reference_features = self.encoder("reference_encoder")((reference_images + 1) / 2)  # (B, T_r, W_r)
+        else:  # from the feature cache
+            pose_features, reference_features = features
         out = self.objective(
             self.trainable["denoiser"],
             target_latents,
@@ -189,6 +194,9 @@ class Trainer:
         self.dataset = build_dataset(config, "train", train=True)
         if len(self.dataset) == 0:
             raise InputError(f"{config.data.root}: the training split has no pairs")
+        self.images = self.dataset  # the image data set, for its skip counter
+        if config.data.cache_features:
+            self.dataset = self.feature_cache()
         self.val_items = self.validation_items()
         if acc.is_main_process:
             (self.out_dir / "config.yaml").write_text(config.to_yaml())
@@ -297,6 +305,13 @@ class Trainer:
 
     def forward(self, batch: dict, draws: LossDraws, vae_generator: torch.Generator):
         device = self.accelerator.device
+        if "target_latent_mean" in batch:  # from the feature cache: sample the posterior here, as the VAE would
+            mean, std = batch["target_latent_mean"], batch["target_latent_std"]
+            target_latents = (mean + std * torch.randn(mean.shape, generator=vae_generator)).to(device)
+            features = (batch["pose_features"].to(device), batch["reference_features"].to(device))
+            reference_latent = batch["reference_latent"].to(device)
+            with self.accelerator.autocast():
+                return self.step_module(target_latents, reference_latent, None, None, draws, features)
         target = batch["target_image"].to(device)
         reference = batch["reference_image"].to(device)
         with torch.no_grad():
@@ -306,6 +321,22 @@ class Trainer:
             return self.step_module(
                 target_latents, reference_latent, batch["target_pose"].to(device), reference, draws
             )
+
+    def feature_cache(self) -> Dataset:
+        """Build (once, on the main process) and serve the pre-computed frozen outputs; see `cache.py`."""
+        from xmdpt.training.cache import CachedPairs, build_cache, cache_key
+
+        d, acc = self.config.data, self.accelerator
+        step_module = acc.unwrap_model(self.step_module)
+        if step_module.trainable.keys() != {"denoiser"}:
+            raise InputError("data.cache_features needs frozen encoders (conditioning.encoder=dinov2)")
+        folder = Path(d.cache_dir) if d.cache_dir else Path(d.root) / ".xmdpt-cache" / cache_key(self.config)
+        if acc.is_main_process:
+            plain = build_dataset(self.config, "train", train=False)
+            frozen = step_module.frozen
+            build_cache(plain, folder, self.codec, frozen["pose_encoder"], frozen["reference_encoder"])
+        acc.wait_for_everyone()
+        return CachedPairs(self.dataset, folder)
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.isfinite(loss.detach()).float().reshape(1)
@@ -323,7 +354,7 @@ class Trainer:
             "loss/masked_pass": acc.gather(masked.detach()).mean().item(),
             "lr": self.lr_schedule.get_last_lr()[0],
             "throughput/samples_per_second": samples_per_second,
-            "data/skipped_bad_samples": float(self.dataset.skipped),
+            "data/skipped_bad_samples": float(self.images.skipped),
             "data/skipped_nan_steps": float(self.skipped_nan),
         }
         acc.log(values, step=self.step)
@@ -410,7 +441,7 @@ class Trainer:
             "step": self.step,
             "lr_schedule": self.lr_schedule.state_dict(),
             "skipped_nan_steps": self.skipped_nan,
-            "skipped_bad_samples": self.dataset.skipped,
+            "skipped_bad_samples": self.images.skipped,
             "config": self.config.to_dict(),
         }
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -454,13 +485,13 @@ class Trainer:
                 "ranks_agree": bool(torch.all(sums == sums[0])),
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "skipped_nan_steps": self.skipped_nan,
-                "skipped_bad_samples": self.dataset.skipped,
+                "skipped_bad_samples": self.images.skipped,
             }
             atomic_write_text(self.out_dir / "run_summary.json", json.dumps(summary, indent=1) + "\n")
             if not summary["ranks_agree"]:
                 log.error("the processes hold different weights: %s", sums.tolist())
-            if self.dataset.skipped:
-                log.warning("%d bad samples were skipped", self.dataset.skipped)
+            if self.images.skipped:
+                log.warning("%d bad samples were skipped", self.images.skipped)
         acc.end_training()
 
 

@@ -1,0 +1,335 @@
+"""Generation of the test set under the protocol: every test pair, deterministically, as PNG at the evaluation size.
+
+* **Pairs**: each line of the test pair file, with its first source as the reference (the data sets' test mode),
+  in file order. A pair listed twice is generated once (logged).
+* **File names**: ``<reference stem>___<target stem>.png`` (GFLA/PATN's ``from___to`` pattern without their
+  ``_vis`` suffix). Stems are flat DeepFashion names: the PIDM layout's In-shop paths are mapped to their flat name,
+  so both layouts of the same test set give the same files. `EvalSet.targets` maps these names to the real target
+  images, which is what `PairMetrics.add_folder` takes.
+* **Determinism**: a pair's initial noise, and the per-step noise of the stochastic DDPM sampler, come from its own
+  CPU generator seeded by a hash of (seed, file name). A pair's image therefore does not depend on the batch size,
+  the number of processes, resuming, ``--limit`` or the order of the test list. (Batched matrix products may round
+  differently from unbatched ones on some hardware; the uint8 quantisation absorbs that almost always, and the tests
+  check byte-identical files on the CPU.)
+* **Protocol**: the model's output in [-1, 1] goes through `model_output_to_uint8` (clamp, bicubic antialiased
+  resize in float to the evaluation size, x 255, truncate) and is written as a lossless PNG.
+* **Distribution**: with Accelerate (``accelerate launch xmdpt evaluate ...``) process k of n takes the pairs whose
+  index i has i % n == k; every process writes only its own files, so no communication is needed.
+* **Resuming**: a pair whose PNG exists is skipped; a PNG is written to ``<name>.partial-<pid>`` and renamed, so an
+  interrupted run never leaves a truncated image. ``generation.json`` beside the images records the settings, and a
+  run with other settings refuses to add to the folder rather than mix two models' outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from xmdpt.data.deepfashion import CsvPairs, PairDataset, PidmPairs
+from xmdpt.data.images import find_image
+from xmdpt.data.names import inshop_to_flat
+from xmdpt.errors import InputError
+from xmdpt.evaluation.protocol import PROTOCOL_VERSION, format_size, model_output_to_uint8, save_png
+
+logger = logging.getLogger(__name__)
+
+#: Separator of the reference and target stems in a generated file name.
+NAME_SEPARATOR = "___"
+#: Settings file written beside the generated images.
+GENERATION_FILE = "generation.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+# ------------------------------------------------------------------------------------------------------ the test set
+
+
+@dataclass(frozen=True)
+class EvalPair:
+    """One test pair: where its images are and the name of its generated file."""
+
+    index: int  # position in the data set's pair list (what `dataset[index]` loads)
+    name: str  # generated file name
+    reference: str  # names as the pair file spells them
+    target: str
+    reference_path: Path
+    target_path: Path
+    mask_path: Path | None  # the target's figure mask (synthetic set), if the data set has masks
+
+
+@dataclass
+class EvalSet:
+    """The test pairs of a data set, and the data set that loads their model inputs."""
+
+    dataset: PairDataset
+    pairs: list[EvalPair]
+    total: int  # pairs in the test list before `limit`
+
+    def targets(self) -> dict[str, Path]:
+        """Generated file name -> real target image (for `PairMetrics.add_folder`)."""
+        return {pair.name: pair.target_path for pair in self.pairs}
+
+    def masks(self) -> dict[str, Path] | None:
+        """Generated file name -> figure mask of the target, or None when the data set has no masks."""
+        if not self.pairs or self.pairs[0].mask_path is None:
+            return None
+        return {pair.name: pair.mask_path for pair in self.pairs if pair.mask_path is not None}
+
+
+def flat_stem(name: str) -> str:
+    """File-name stem of an image name: In-shop paths become their flat DeepFashion name, other '/' become '-'."""
+    if "/" in name or "\\" in name:
+        try:
+            name = inshop_to_flat(name)
+        except InputError:
+            name = name.replace("\\", "/").replace("/", "-")
+    return Path(name).stem
+
+
+def pair_file_name(reference: str, target: str) -> str:
+    """``<reference stem>___<target stem>.png``."""
+    return f"{flat_stem(reference)}{NAME_SEPARATOR}{flat_stem(target)}.png"
+
+
+def eval_set_from_dataset(dataset: PairDataset, limit: int | None = None) -> EvalSet:
+    """The test pairs of a CSV- or PIDM-layout data set (built with `fail_fast=True`, `train=False`)."""
+    if not dataset.pairs:
+        raise InputError("the test pair list is empty")
+    pairs: list[EvalPair] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for index, record in enumerate(dataset.pairs):
+        reference = record.sources[0]
+        name = pair_file_name(reference, record.target)
+        if name in seen:
+            duplicates += 1
+            continue
+        seen.add(name)
+        reference_path, target_path, mask_path = _pair_paths(dataset, reference, record.target, record.where)
+        pairs.append(EvalPair(index, name, reference, record.target, reference_path, target_path, mask_path))
+    if duplicates:
+        logger.warning("%d test pairs are listed more than once; each is generated and scored once", duplicates)
+    total = len(pairs)
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"--limit must be at least 1, got {limit}")
+        pairs = pairs[:limit]
+    return EvalSet(dataset=dataset, pairs=pairs, total=total)
+
+
+def _pair_paths(dataset: PairDataset, reference: str, target: str, where: str) -> tuple[Path, Path, Path | None]:
+    """Paths of the reference image, the target image and the target's mask, checked to exist."""
+    if isinstance(dataset, CsvPairs):
+        image_root, masks_dir = Path(dataset.images_dir), Path(dataset.root) / "masks"
+    elif isinstance(dataset, PidmPairs):
+        image_root, masks_dir = Path(dataset.root), Path(dataset.root) / "masks"
+    else:
+        raise InputError(f"evaluation needs a data set with a test split, not a {type(dataset).__name__}")
+    paths = []
+    for name in (reference, target):
+        path = find_image(image_root / name)
+        if path is None:
+            raise InputError(f"{where}: image {image_root / name} not found")
+        paths.append(path)
+    mask_path = None
+    if masks_dir.is_dir():
+        mask_path = masks_dir / Path(target).with_suffix(".png")
+        if not mask_path.is_file():
+            raise InputError(f"{where}: figure mask {mask_path} not found")
+    return paths[0], paths[1], mask_path
+
+
+# ------------------------------------------------------------------------------------------------------ generation
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What determines the generated images; recorded in generation.json and checked on resume."""
+
+    model: str
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int
+    image_size: tuple[int, int]  # evaluation size (height, width)
+    model_size: tuple[int, int]  # the model's own resolution
+    bf16: bool = False
+    protocol: str = PROTOCOL_VERSION
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["image_size"], out["model_size"] = format_size(self.image_size), format_size(self.model_size)
+        return out
+
+
+@dataclass(frozen=True)
+class GenerationSummary:
+    written: int  # by this process
+    skipped: int  # already present (this process's share)
+    share: int  # pairs assigned to this process
+
+
+def pair_seed(seed: int, name: str) -> int:
+    """A pair's own seed: 63 bits of sha256("<seed>:<file name>")."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def initial_latents(pipe, names: Sequence[str], seed: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Initial noise (B, C, h, w) on the CPU and one CPU generator per pair, each seeded by `pair_seed`.
+
+    The generators are advanced past the initial noise, so a stochastic sampler's step noise continues each pair's
+    own stream (diffusers' `randn_tensor` takes a list of generators, one per batch element).
+    """
+    config = pipe.denoiser.config
+    shape = (1, config.in_channels, *config.sample_size)
+    generators = [torch.Generator().manual_seed(pair_seed(seed, name)) for name in names]
+    latents = torch.cat([torch.randn(shape, generator=g) for g in generators])
+    return latents, generators
+
+
+def generate_test_set(
+    pipe,
+    eval_set: EvalSet,
+    out_dir: Path | str,
+    settings: GenerationSettings,
+    *,
+    batch_size: int = 8,
+    accelerator=None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> GenerationSummary:
+    """Generate this process's share of the test pairs into `out_dir` (skipping those already there).
+
+    Args:
+        pipe: an `XMDPTPipeline`, already on the accelerator's device, scheduler set to `settings.sampler`.
+        eval_set: the pairs; its data set must produce model inputs at `pipe.image_size`.
+        out_dir: the folder of generated PNGs.
+        settings: sampling settings (steps, guidance, seed, sizes), checked against an existing generation.json.
+        accelerator: an `accelerate.Accelerator`; None means one process.
+    """
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if tuple(eval_set.dataset.image_size) != tuple(pipe.image_size):
+        raise InputError(
+            f"the data set gives {format_size(eval_set.dataset.image_size)} inputs, the model takes "
+            f"{format_size(pipe.image_size)}"
+        )
+    out_dir = Path(out_dir)
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    _claim_folder(out_dir, settings, write=rank == 0)
+    share = [pair for position, pair in enumerate(eval_set.pairs) if position % world == rank]
+    todo = [pair for pair in share if not (out_dir / pair.name).is_file()]
+    logger.info(
+        "process %d/%d: %d of its %d pairs to generate (%d already present)",
+        rank,
+        world,
+        len(todo),
+        len(share),
+        len(share) - len(todo),
+    )
+    loader = DataLoader(
+        _ModelInputs(eval_set.dataset, todo),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16) if settings.bf16 else contextlib.nullcontext()
+    bar = tqdm(total=len(todo), desc=f"generate [{rank}]", unit="image", disable=not progress or rank != 0)
+    with bar, autocast:
+        for pairs, references, poses in loader:
+            images = _sample(pipe, pairs, references, poses, settings)
+            for pair, image in zip(pairs, model_output_to_uint8(images.float(), settings.image_size), strict=True):
+                write_png_atomic(image, out_dir / pair.name)
+            bar.update(len(pairs))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return GenerationSummary(written=len(todo), skipped=len(share) - len(todo), share=len(share))
+
+
+def _sample(
+    pipe, pairs: list[EvalPair], references: torch.Tensor, poses: torch.Tensor, settings: GenerationSettings
+) -> torch.Tensor:
+    latents, generators = initial_latents(pipe, [pair.name for pair in pairs], settings.seed)
+    output = pipe(
+        references.to(pipe.device),
+        poses.to(pipe.device),
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        generator=generators,
+        latents=latents,
+        output_type="pt",
+        progress=False,
+    )
+    return output.images
+
+
+def write_png_atomic(image: torch.Tensor, path: Path) -> None:
+    """Write a uint8 (3, H, W) PNG via a temporary file and a rename: a file that exists is complete."""
+    # The process id keeps two processes that were (mis)configured to write the same pair from colliding.
+    partial = path.with_name(f"{path.name}{PARTIAL_SUFFIX}-{os.getpid()}")
+    save_png(image, partial)
+    os.replace(partial, path)
+
+
+def _claim_folder(out_dir: Path, settings: GenerationSettings, *, write: bool) -> None:
+    """Refuse a folder generated with other settings; record ours (on the main process) when it is new."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = out_dir / GENERATION_FILE
+    wanted = settings.as_dict()
+    if record.is_file():
+        try:
+            found = json.loads(record.read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"{record} cannot be read ({error}); delete it or use another folder") from error
+        differences = [
+            f"{key} {found.get(key)!r} there, {value!r} now"
+            for key, value in wanted.items()
+            if found.get(key) != value
+        ]
+        if differences:
+            raise InputError(
+                f"{out_dir} holds images generated with other settings ({'; '.join(differences)}): "
+                "use another --out-dir or delete the folder"
+            )
+        return
+    leftovers = list(out_dir.glob("*.png"))
+    if leftovers:
+        raise InputError(
+            f"{out_dir} already holds {len(leftovers)} images but no {GENERATION_FILE}: not a folder this command "
+            "wrote; use another --out-dir"
+        )
+    if write:
+        partial = record.with_name(record.name + PARTIAL_SUFFIX)
+        partial.write_text(json.dumps(wanted, indent=1) + "\n")
+        os.replace(partial, record)
+
+
+class _ModelInputs(Dataset):
+    """The model inputs of the pairs to generate: (pair, reference (3, H, W) in [-1, 1], skeleton in [0, 1])."""
+
+    def __init__(self, dataset: PairDataset, pairs: Sequence[EvalPair]) -> None:
+        self.dataset, self.pairs = dataset, list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, position: int) -> tuple[EvalPair, torch.Tensor, torch.Tensor]:
+        pair = self.pairs[position]
+        # make_item on the record itself: a bad pair raises here instead of being replaced by the next one.
+        item = self.dataset.make_item(self.dataset.pairs[pair.index])
+        return pair, item["reference_image"], item["target_pose"]
+
+
+def _collate(batch: Sequence[tuple[EvalPair, torch.Tensor, torch.Tensor]]) -> tuple:
+    pairs, references, poses = zip(*batch, strict=True)
+    return list(pairs), torch.stack(references), torch.stack(poses)
