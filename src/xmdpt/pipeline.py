@@ -10,11 +10,13 @@ Two wastes of the public code are gone, with identical outputs (tests/test_pipel
   aggregation vector y) is computed once per image instead of once per step, and the reference tokens are no longer
   pushed through every block at every step (only the training-only masked pass uses them).
 `public_schedule=True` reproduces the public code's schedule of work, for benchmarks and equivalence tests.
+Turning photos, paths, keypoint files and driving photos into the model's tensors is `xmdpt.inputs`'s job.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import PIL.Image
@@ -23,7 +25,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 from diffusers.utils import BaseOutput
 
 from xmdpt.errors import InputError
+from xmdpt.inputs import Fit, ImageInput, PoseInput, PoseReader, prepare_inputs
 from xmdpt.models.xmdpt import XMDPT
+from xmdpt.pose.extract import PoseExtractor
 
 SAMPLERS = ("ddim", "dpmsolver++", "ddpm")
 
@@ -179,8 +183,8 @@ class XMDPTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        reference_image: torch.Tensor,
-        pose_image: torch.Tensor,
+        reference_image: ImageInput | Sequence[ImageInput],
+        target_pose: PoseInput | Sequence[PoseInput] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 2.0,
         guidance_power: float = 0.01,
@@ -189,12 +193,26 @@ class XMDPTPipeline(DiffusionPipeline):
         output_type: str = "pil",
         public_schedule: bool = False,
         progress: bool = True,
+        fit: Fit = "pad",
+        pose_extractor: PoseExtractor | None = None,
+        pose_image: torch.Tensor | None = None,
     ) -> XMDPTPipelineOutput:
         """Generate the reference person in the target pose.
 
-        reference_image: (B, 3, H, W) in [-1, 1]; pose_image: the rendered target skeleton (B, 3, H, W) in [0, 1],
-        both at `self.image_size`. Returns PIL images, or with output_type="pt" a tensor in [-1, 1].
+        reference_image: a PIL image, an image path, or a tensor (B, 3, H, W) in [-1, 1]; or a list of them.
+        target_pose: a `Pose`, a keypoint file (our JSON or a PIDM `.txt`), a driving photo (PIL image or path,
+        keypoints found by MediaPipe), or the rendered skeleton (B, 3, H, W) in [0, 1]; or a list of them.
+        Images and poses are brought to `self.image_size` by `fit` ("pad", "crop" or "stretch"), the pose in the same
+        frame; tensors must already be at that size. One reference with several poses is used for each pose.
+        `pose_extractor` (a `PoseExtractor`, left open) saves opening MediaPipe per call for driving photos;
+        `pose_image` is the former name of `target_pose`. Returns PIL images, or with output_type="pt" a tensor
+        (B, 3, H, W) in [-1, 1].
         """
+        if output_type not in ("pil", "pt"):
+            raise InputError(f"unknown output_type {output_type!r}; use 'pil' or 'pt'")
+        target_pose = pose_image if target_pose is None else target_pose
+        with PoseReader(pose_extractor) as reader:
+            reference_image, pose_image = prepare_inputs(reference_image, target_pose, self.image_size, fit, reader)
         device = self._execution_device
         reference_image = reference_image.to(device)
         pose_image = pose_image.to(device)

@@ -14,6 +14,7 @@ sampling side loads directly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -62,13 +63,14 @@ class SeededItems(Dataset):
 
 class GlobalBatchSampler(Sampler[list[int]]):
     """This process's slice of global micro-batches `start, start + 1, ...` of an endless stream of per-epoch
-    permutations: item keys are `epoch * n + index` (see `SeededItems`)."""
+    permutations: item keys are `epoch * n + index` (see `SeededItems`). Endless, because a skipped step (a
+    non-finite loss) consumes a batch without counting; the loop stops at `max_steps`."""
 
-    def __init__(self, n: int, global_batch: int, seed: int, start: int, stop: int, rank: int, world: int):
+    def __init__(self, n: int, global_batch: int, seed: int, start: int, rank: int, world: int):
         if global_batch % world:
             raise InputError(f"the micro-batch of {global_batch} does not split over {world} processes")
         self.n, self.global_batch, self.seed = n, global_batch, seed
-        self.start, self.stop, self.rank, self.local = start, stop, rank, global_batch // world
+        self.start, self.rank, self.local = start, rank, global_batch // world
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def _key(self, position: int) -> int:
@@ -77,11 +79,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
             self._perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)))
         return epoch * self.n + int(self._perm[1][offset])
 
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
     def __iter__(self):
-        for batch in range(self.start, self.stop):
+        for batch in itertools.count(self.start):
             first = batch * self.global_batch + self.rank * self.local
             yield [self._key(p) for p in range(first, first + self.local)]
 
@@ -222,7 +221,6 @@ class Trainer:
             micro,
             self.config.run.seed,
             start=self.step * o.grad_accum,
-            stop=o.max_steps * o.grad_accum,
             rank=acc.process_index,
             world=acc.num_processes,
         )

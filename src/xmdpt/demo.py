@@ -1,0 +1,170 @@
+"""The demo: a model trained on the synthetic set, on identities it never saw, against the ground truth.
+
+The synthetic set is a pure function of (seed, identity, pose index), so the held-out identities of the model's
+training set (its `xmdpt_default.json`) are redrawn here, only the images the chosen pairs need, exactly as the data
+set serves them (keypoints through the 256x176 annotation frame, rounded, as `CsvPairs` reads them). Scores are SSIM
+(Wang et al.: Gaussian window sigma 1.5, on uint8 RGB) and PSNR against the ground truth, for the model and for the
+trivial baseline that copies the reference image to the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from xmdpt.data.synthetic import SynthConfig, draw_figure, image_name, in_frame, make_identity, random_pose
+from xmdpt.errors import InputError
+from xmdpt.pose.keypoints import DEEPFASHION_FRAME, Pose
+from xmdpt.pose.render import draw_skeleton
+
+log = logging.getLogger(__name__)
+COLUMNS = ("reference", "target pose", "generated", "ground truth")
+CELL_HEIGHT = 192  # small images are enlarged (nearest neighbour, pixels stay visible) to about this height
+
+
+@dataclass(frozen=True)
+class HeldOutPair:
+    """One test pair: the reference and target images (PIL, model frame) and the target keypoints."""
+
+    reference_name: str
+    target_name: str
+    reference: Image.Image
+    target: Image.Image
+    target_pose: Pose
+
+
+@dataclass(frozen=True)
+class Scores:
+    ssim: np.ndarray  # per pair
+    psnr: np.ndarray
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    pairs: list[HeldOutPair]
+    generated: list[Image.Image]
+    model: Scores
+    copy_reference: Scores
+    grid: Image.Image
+    seconds: float
+
+
+def held_out_identities(synth: SynthConfig) -> range:
+    """The identity indices of the test split, as `xmdpt.data.synthetic.generate` splits them (the last ones)."""
+    n = synth.num_identities
+    num_test = min(n - 1, max(1, round(n * synth.test_fraction))) if n > 1 else 0
+    return range(n - num_test, n)
+
+
+def choose_pairs(synth: SynthConfig, num_pairs: int, seed: int) -> list[tuple[int, int]]:
+    """(identity, reference pose index) of `num_pairs` test-split ring pairs (k -> k + 1), as many distinct
+    identities as possible, drawn with `seed`."""
+    identities = held_out_identities(synth)
+    if not identities:
+        raise InputError("the model's synthetic set has no held-out identities (num_identities must be at least 2)")
+    candidates = [(i, k) for i in identities for k in range(synth.poses_per_identity)]
+    if num_pairs > len(candidates):
+        log.warning("only %d held-out pairs exist; using all of them", len(candidates))
+    order = np.random.default_rng(seed).permutation(len(candidates))
+    seen: Counter = Counter()
+    ranked = []
+    for rank, i in enumerate(order):
+        identity, k = candidates[i]
+        ranked.append((seen[identity], rank, identity, k))  # first one pair per identity, then seconds, ...
+        seen[identity] += 1
+    return [(identity, k) for _, _, identity, k in sorted(ranked)[:num_pairs]]
+
+
+def _view(synth: SynthConfig, index: int, k: int, size: tuple[int, int]) -> tuple[str, Image.Image, Pose]:
+    """One synthetic image at the model's `size` with its keypoints, as the data set reads them back."""
+    identity = make_identity(synth.seed, index)
+    pose, front = random_pose(identity, np.random.default_rng([synth.seed, index, k + 1]), synth.size)
+    image = Image.fromarray(draw_figure(identity, pose, front)[0])
+    # The set stores keypoints as integers in the 256x176 annotation frame; the model was trained on those.
+    stored = Pose.from_gfla(*in_frame(pose).to_gfla(DEEPFASHION_FRAME), DEEPFASHION_FRAME)
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.BICUBIC)
+    return image_name(identity, index, k, front), image, stored.resized(*size)
+
+
+def held_out_pairs(synth: SynthConfig, num_pairs: int, seed: int, size: tuple[int, int]) -> list[HeldOutPair]:
+    pairs = []
+    for index, k in choose_pairs(synth, num_pairs, seed):
+        ref_name, reference, _ = _view(synth, index, k, size)
+        tgt_name, target, target_pose = _view(synth, index, (k + 1) % synth.poses_per_identity, size)
+        pairs.append(HeldOutPair(ref_name, tgt_name, reference, target, target_pose))
+    return pairs
+
+
+def score(outputs: list[Image.Image], truths: list[Image.Image]) -> Scores:
+    """Per-pair SSIM and PSNR of uint8 RGB images."""
+    try:
+        from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    except ImportError as err:
+        raise InputError(f"the demo's scores need scikit-image: pip install 'xmdpt[eval]' ({err})") from None
+    ssim, psnr = [], []
+    for output, truth in zip(outputs, truths, strict=True):
+        a, b = np.asarray(output.convert("RGB")), np.asarray(truth.convert("RGB"))
+        ssim.append(
+            structural_similarity(
+                a, b, channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+            )
+        )
+        psnr.append(peak_signal_noise_ratio(b, a, data_range=255))
+    return Scores(np.array(ssim), np.array(psnr))
+
+
+def make_grid(pairs: list[HeldOutPair], generated: list[Image.Image]) -> Image.Image:
+    """Rows of (reference | target pose | generated | ground truth), enlarged, with a header naming the columns."""
+    width, height = pairs[0].reference.size
+    scale = max(1, CELL_HEIGHT // height)
+    cell_w, cell_h, gap = width * scale, height * scale, 4
+    font = ImageFont.load_default(size=max(10, min(16, cell_w // 8)))
+    header = 24
+    grid = Image.new("RGB", (len(COLUMNS) * (cell_w + gap) + gap, header + len(pairs) * (cell_h + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(COLUMNS):
+        draw.text((gap + c * (cell_w + gap) + cell_w / 2, header / 2), title, fill="black", font=font, anchor="mm")
+    for r, (pair, output) in enumerate(zip(pairs, generated, strict=True)):
+        # Drawn at the cell's size: the model's small skeleton, enlarged, is blobs; this one reads as a pose.
+        skeleton = Image.fromarray(draw_skeleton(pair.target_pose, cell_h, cell_w))
+        for c, image in enumerate((pair.reference, skeleton, output, pair.target)):
+            cell = image.convert("RGB").resize((cell_w, cell_h), Image.NEAREST)
+            grid.paste(cell, (gap + c * (cell_w + gap), header + r * (cell_h + gap)))
+    return grid
+
+
+def run_demo(
+    pipe,
+    synth: SynthConfig,
+    num_pairs: int = 8,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 2.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> DemoResult:
+    """Generate `num_pairs` held-out pairs in one batch, score them and the copy-the-reference baseline, and draw
+    the grid."""
+    if num_pairs < 1:
+        raise InputError(f"--num-pairs must be at least 1, got {num_pairs}")
+    start = time.perf_counter()
+    pairs = held_out_pairs(synth, num_pairs, seed, pipe.image_size)
+    generated = pipe(
+        [p.reference for p in pairs],
+        [p.target_pose for p in pairs],
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        progress=progress,
+    ).images
+    truths = [p.target for p in pairs]
+    model = score(generated, truths)
+    baseline = score([p.reference for p in pairs], truths)
+    grid = make_grid(pairs, generated)
+    return DemoResult(pairs, generated, model, baseline, grid, time.perf_counter() - start)

@@ -1,0 +1,147 @@
+"""`xmdpt generate`: single and batch mode on a tiny saved pipeline; bad input is one line and exit code 2."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_pipeline import SIZE, save_tiny_default
+
+from xmdpt.cli import main
+from xmdpt.data.synthetic import draw_figure, make_identity, random_pose
+from xmdpt.default_model import ENV_VAR, default_model_path, resolve_device
+from xmdpt.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_default(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def files(tmp_path, model_dir, monkeypatch):
+    """A reference photo, two keypoint files, and the tiny model as the default."""
+    monkeypatch.setenv(ENV_VAR, str(model_dir))
+    for index in (1, 2):
+        identity = make_identity(0, index)
+        pose, front = random_pose(identity, np.random.default_rng([0, index]), (256, 176))
+        Image.fromarray(draw_figure(identity, pose, front)[0]).save(tmp_path / f"person{index}.png")
+        pose.save_json(tmp_path / f"pose{index}.json")
+    return tmp_path
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_single_writes_the_image_and_seeds_repeat(files, capsys):
+    out = files / "out" / "a.png"
+    main(["generate", "--reference", str(files / "person1.png"), "--pose", str(files / "pose2.json"),
+          "--out", str(out), "--steps", "3"])  # fmt: skip
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert Image.open(out).size == (SIZE[1], SIZE[0])
+    again, other = files / "again.png", files / "other.png"
+    base = ["generate", "--reference", str(files / "person1.png"), "--pose", str(files / "pose2.json"), "--steps", "3"]
+    main([*base, "--out", str(again)])
+    main([*base, "--out", str(other), "--seed", "5"])
+    np.testing.assert_array_equal(pixels(again), pixels(out))
+    assert not np.array_equal(pixels(other), pixels(out))
+    main([*base, "--out", str(files / "dpm.png"), "--sampler", "dpmsolver++", "--device", "cpu"])
+    assert Image.open(files / "dpm.png").size == (SIZE[1], SIZE[0])
+
+
+def test_batch_equals_single_runs_and_skips_bad_lines(files, capsys):
+    (files / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (files / "pairs.csv").write_text(
+        "reference,pose,out\n"
+        "person1.png,pose2.json,first.png\n"
+        "missing.png,pose1.json,x.png\n"
+        "person2.png,pose1.json,sub/second.png\n"
+        "broken.png,pose1.json,y.png\n"
+        "person2.png,pose2.json,../escape.png\n"
+        "person2.png,pose2.json,\n"
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--pairs", str(files / "pairs.csv"), "--out-dir", str(files / "batch"), "--steps", "3",
+              "--seed", "7", "--batch-size", "2"])  # fmt: skip
+    assert done.value.code == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 3
+    assert any("pairs.csv:3" in e and "image file not found" in e for e in errors)
+    assert any("pairs.csv:5" in e and "not a readable image" in e for e in errors)
+    assert any("pairs.csv:6" in e and "inside --out-dir" in e for e in errors)
+    assert "wrote 3 images" in captured.out and "3 lines failed" in captured.out
+    written = sorted(p.relative_to(files / "batch").as_posix() for p in (files / "batch").rglob("*.png"))
+    assert written == ["0007-person2-pose2.png", "first.png", "sub/second.png"]
+    # line i samples with seed + i: the batch's images are the single runs' images
+    for name, ref, pose, seed in (("first.png", 1, 2, 7), ("sub/second.png", 2, 1, 9)):
+        single = files / f"single-{seed}.png"
+        main(["generate", "--reference", str(files / f"person{ref}.png"), "--pose", str(files / f"pose{pose}.json"),
+              "--out", str(single), "--steps", "3", "--seed", str(seed)])  # fmt: skip
+        np.testing.assert_array_equal(pixels(files / "batch" / name), pixels(single))
+
+
+def test_batch_of_good_lines_exits_normally(files, capsys):
+    (files / "pairs.csv").write_text("reference,pose\nperson1.png,pose1.json\n")
+    main(["generate", "--pairs", str(files / "pairs.csv"), "--out-dir", str(files / "ok"), "--steps", "2"])
+    assert "wrote 1 images" in capsys.readouterr().out
+    assert len(list((files / "ok").glob("*.png"))) == 1
+
+
+def bad_case(files, name):
+    (files / "garbage.png").write_bytes(b"GIF89a but not really an image")
+    (files / "short.json").write_text('{"height": 256, "width": 176, "keypoints": [[1, 2], [3, 4]]}')
+    (files / "notours").mkdir(exist_ok=True)
+    (files / "notours" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (files / "headless.csv").write_text("a,b\nperson1.png,pose1.json\n")
+    ref, pose, out = str(files / "person1.png"), str(files / "pose1.json"), str(files / "o.png")
+    return {
+        "missing reference": (["--reference", str(files / "nope.png"), "--pose", pose, "--out", out], "not found"),
+        "missing pose": (["--reference", ref, "--pose", str(files / "nope.json"), "--out", out], "not found"),
+        "unreadable image": (["--reference", str(files / "garbage.png"), "--pose", pose, "--out", out], "garbage"),
+        "pose of wrong shape": (["--reference", ref, "--pose", str(files / "short.json"), "--out", out], "18 joints"),
+        "model not ours": (
+            ["--reference", ref, "--pose", pose, "--out", out, "--model", str(files / "notours")],
+            "not an xmdpt pipeline",
+        ),  # fmt: skip
+        "model folder missing": (
+            ["--reference", ref, "--pose", pose, "--out", out, "--model", str(files / "x")],
+            "not a folder",
+        ),  # fmt: skip
+        "unknown sampler": (
+            ["--reference", ref, "--pose", pose, "--out", out, "--sampler", "euler"],
+            "unknown sampler",
+        ),
+        "bad output suffix": (["--reference", ref, "--pose", pose, "--out", str(files / "o.txt")], "output must be"),
+        "no pose": (["--reference", ref, "--out", out], "give --reference, --pose and --out"),
+        "pairs without header": (["--pairs", str(files / "headless.csv"), "--out-dir", str(files / "b")], "header"),
+    }[name]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["missing reference", "missing pose", "unreadable image", "pose of wrong shape", "model not ours",
+     "model folder missing", "unknown sampler", "bad output suffix", "no pose", "pairs without header"],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_exit_code_2(files, capsys, name):
+    args, message = bad_case(files, name)
+    with pytest.raises(SystemExit) as done:
+        main(["generate", *args, "--steps", "2"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (files / "o.png").exists()
+
+
+def test_default_model_and_device(monkeypatch, tmp_path, model_dir):
+    monkeypatch.setenv(ENV_VAR, str(model_dir))
+    assert default_model_path() == model_dir
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "gone"))
+    with pytest.raises(InputError, match="is missing"):
+        default_model_path()
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("toaster")

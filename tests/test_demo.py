@@ -1,0 +1,86 @@
+"""`xmdpt demo`: held-out synthetic pairs exactly as the data set serves them, the grid, and the scores."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_pipeline import SIZE, SYNTH, save_tiny_default, tiny_pipeline
+
+from xmdpt.cli import main
+from xmdpt.data.deepfashion import deepfashion_csv
+from xmdpt.data.synthetic import SynthConfig, generate
+from xmdpt.default_model import ENV_VAR, load_pipeline
+from xmdpt.demo import choose_pairs, held_out_identities, held_out_pairs, run_demo, score
+from xmdpt.inputs import image_tensor
+
+SHIPPED = Path(__import__("xmdpt").__file__).parent / "assets" / "default"
+SYNTH_CONFIG = SynthConfig(**{**SYNTH, "size": tuple(SYNTH["size"])})
+
+
+def test_held_out_pairs_are_the_data_sets_test_pairs(tmp_path):
+    counts = generate(tmp_path, SYNTH_CONFIG, progress=False)
+    dataset = deepfashion_csv(tmp_path, "test", image_size=SIZE)
+    assert counts["test_images"] == len(held_out_identities(SYNTH_CONFIG)) * SYNTH_CONFIG.poses_per_identity
+    items = {(r.sources[0], r.target): i for i, r in enumerate(dataset.pairs)}
+    pairs = held_out_pairs(SYNTH_CONFIG, 6, seed=1, size=SIZE)
+    for pair in pairs:
+        item = dataset[items[(pair.reference_name, pair.target_name)]]
+        torch.testing.assert_close(image_tensor(pair.reference), item["reference_image"], rtol=0, atol=0)
+        torch.testing.assert_close(image_tensor(pair.target), item["target_image"], rtol=0, atol=0)
+        np.testing.assert_allclose(pair.target_pose.array(), item["target_keypoints"].numpy(), atol=1e-5)
+
+
+def test_pairs_spread_over_identities_and_follow_the_seed():
+    chosen = choose_pairs(SYNTH_CONFIG, 5, seed=0)
+    identities = [i for i, _ in chosen]
+    assert len(set(identities)) == len(held_out_identities(SYNTH_CONFIG)) == 5  # one pair per held-out identity
+    assert set(identities) <= set(held_out_identities(SYNTH_CONFIG))
+    assert chosen == choose_pairs(SYNTH_CONFIG, 5, seed=0) and chosen != choose_pairs(SYNTH_CONFIG, 5, seed=1)
+    assert len(set(choose_pairs(SYNTH_CONFIG, 12, seed=0))) == 12  # more pairs than identities: no repeats
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")
+def test_scores_rank_the_truth_first():
+    pairs = held_out_pairs(SYNTH_CONFIG, 2, seed=0, size=SIZE)
+    truths = [p.target for p in pairs]
+    perfect, copy = score(truths, truths), score([p.reference for p in pairs], truths)
+    assert np.allclose(perfect.ssim, 1) and np.isinf(perfect.psnr).all()
+    assert (copy.ssim < 1).all() and np.isfinite(copy.psnr).all()
+
+
+def test_demo_command_writes_the_grid_and_prints_scores(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ENV_VAR, str(save_tiny_default(tmp_path / "model", steps=2)))
+    out = tmp_path / "grid.png"
+    main(["demo", "--num-pairs", "3", "--out", str(out)])
+    printed = capsys.readouterr().out
+    grid = Image.open(out)
+    cell = 192 // SIZE[0]  # cells are enlarged to about 192 px high
+    assert grid.height > 3 * SIZE[0] * cell and grid.width > 4 * SIZE[1] * cell
+    assert "generated" in printed and "copy the reference (baseline)" in printed and "PSNR" in printed
+    pipe, info = load_pipeline(tmp_path / "model", "cpu")
+    result = run_demo(pipe, info.synth, num_pairs=3, num_inference_steps=2, guidance_scale=1.5, progress=False)
+    baseline = f"SSIM {result.copy_reference.ssim.mean():.3f}  PSNR {result.copy_reference.psnr.mean():.2f} dB"
+    assert baseline in printed
+    assert f"SSIM {result.model.ssim.mean():.3f}" in printed  # the command's numbers are the library's
+
+
+def test_demo_needs_a_synthetic_model(tmp_path, capsys):
+    tiny_pipeline().save_pretrained(tmp_path / "plain")
+    with pytest.raises(SystemExit) as done:
+        main(["demo", "--model", str(tmp_path / "plain"), "--out", str(tmp_path / "g.png")])
+    assert done.value.code == 2
+    assert "xmdpt_default.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="no shipped model in xmdpt/assets/default")
+def test_shipped_model_beats_copying_the_reference(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    torch.set_num_threads(2)  # the promise is for 2 CPU cores
+    pipe, info = load_pipeline(None, "cpu")
+    result = run_demo(pipe, info.synth, 8, info.num_inference_steps, info.guidance_scale, progress=False)
+    assert result.model.ssim.mean() > result.copy_reference.ssim.mean()
+    assert result.model.psnr.mean() > result.copy_reference.psnr.mean()
+    assert result.seconds < 60
