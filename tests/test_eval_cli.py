@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 from PIL import Image
-from test_eval_generate import synthetic_set, tiny_pipeline
+from test_eval_generate import synthetic_set
+from tiny_pipeline import tiny_pipeline
 
 from xmdpt.cli import main
 from xmdpt.evaluation import run as run_module

@@ -8,10 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_model
 from PIL import Image
+from tiny_pipeline import tiny_pipeline
 
-from xmdpt import LearnedImageEncoder, PixelCodec, XMDPTPipeline, make_sampling_scheduler, make_train_scheduler
 from xmdpt.data.deepfashion import PairRecord, deepfashion_csv
 from xmdpt.data.synthetic import SynthConfig, generate
 from xmdpt.errors import InputError
@@ -29,26 +28,6 @@ MODEL_SIZE = (32, 24)  # PixelCodec(2) -> 16x12 latents, 8x6 tokens at patch 2
 
 
 # ------------------------------------------------------------------------------------- helpers (shared with CLI)
-
-
-def tiny_pipeline(sampler: str = "ddim", size: tuple[int, int] = MODEL_SIZE) -> XMDPTPipeline:
-    """A tiny random pixel-space pipeline (learned encoders, PixelCodec), as in tests/test_pipeline.py."""
-    height, width = size
-    tokens = 1 + -(-height // 8) * -(-width // 8)
-    model = tiny_model(
-        sample_size=(height // 2, width // 2),
-        in_channels=12,
-        pose_feature_dim=16,
-        pose_num_tokens=tokens,
-        reference_feature_dim=16,
-        reference_num_tokens=tokens,
-    )
-    randomize(model, std=0.05).eval()
-    torch.manual_seed(1)  # the encoders' initialisation
-    pose_encoder = LearnedImageEncoder(image_size=size, width=16, input_transform="unit")
-    reference_encoder = LearnedImageEncoder(image_size=size, width=16, input_transform="signed")
-    scheduler = make_sampling_scheduler(sampler, make_train_scheduler().config)
-    return XMDPTPipeline(model, PixelCodec(factor=2), pose_encoder, reference_encoder, scheduler)
 
 
 def synthetic_set(folder: Path, size: tuple[int, int] = MODEL_SIZE, identities: int = 8) -> Path:
@@ -86,7 +65,7 @@ def _test_set(root: Path, size: tuple[int, int] = MODEL_SIZE):
 
 def test_batch_size_and_seed(synth, tmp_path) -> None:
     """DDPM draws noise at every step: each pair's own generator keeps its image independent of the batch."""
-    pipe, eval_set = tiny_pipeline("ddpm"), _test_set(synth)
+    pipe, eval_set = tiny_pipeline(sampler="ddpm"), _test_set(synth)
     assert len(eval_set.pairs) == 6
     generate_test_set(pipe, eval_set, tmp_path / "b1", settings(sampler="ddpm"), batch_size=1, progress=False)
     generate_test_set(pipe, eval_set, tmp_path / "b3", settings(sampler="ddpm"), batch_size=3, progress=False)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import torch
 from conftest import randomize, tiny_model
 
 from xmdpt import LearnedImageEncoder, PixelCodec, XMDPTPipeline, make_sampling_scheduler, make_train_scheduler
@@ -11,7 +12,7 @@ SIZE = (32, 24)  # image (height, width); PixelCodec(2) -> 16x12 latents, 8x6 to
 SYNTH = dict(num_identities=20, poses_per_identity=3, size=list(SIZE), seed=3, test_fraction=0.25)
 
 
-def tiny_pipeline(size: tuple[int, int] = SIZE) -> XMDPTPipeline:
+def tiny_pipeline(size: tuple[int, int] = SIZE, sampler: str = "ddim") -> XMDPTPipeline:
     height, width = size
     tokens = 1 + -(-height // 8) * -(-width // 8)
     model = tiny_model(
@@ -23,9 +24,10 @@ def tiny_pipeline(size: tuple[int, int] = SIZE) -> XMDPTPipeline:
         reference_num_tokens=tokens,
     )
     randomize(model, std=0.05).eval()
+    torch.manual_seed(1)  # the encoders' initialisation
     pose_encoder = LearnedImageEncoder(image_size=size, width=16, input_transform="unit")
     reference_encoder = LearnedImageEncoder(image_size=size, width=16, input_transform="signed")
-    scheduler = make_sampling_scheduler("ddim", make_train_scheduler("v_prediction").config)
+    scheduler = make_sampling_scheduler(sampler, make_train_scheduler("v_prediction").config)
     return XMDPTPipeline(model, PixelCodec(factor=2), pose_encoder, reference_encoder, scheduler)
 
 

@@ -105,21 +105,6 @@ def _check_local_folder(path: Path) -> None:
         raise InputError(f"{path}: not an xmdpt pipeline folder (model_index.json names {name!r})")
 
 
-def _weight_free_components(path: Path) -> dict:
-    """Components saved without a weight file: `PixelCodec` has no parameters, so `save_pretrained` writes only its
-    config, which `from_pretrained` then refuses; it is rebuilt from that config (exact, there is nothing else)."""
-    from xmdpt.conditioning import PixelCodec
-
-    index = json.loads((path / "model_index.json").read_text())
-    out = {}
-    for name, spec in index.items():
-        folder = path / name
-        has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-        if isinstance(spec, list) and spec[-1] == PixelCodec.__name__ and folder.is_dir() and not has_weights:
-            out[name] = PixelCodec.from_config(PixelCodec.load_config(folder))
-    return out
-
-
 @contextmanager
 def _quiet_loading():
     """No per-component loading bar: it is noise on the one-line error contract of the CLI."""
@@ -146,7 +131,7 @@ def load_pipeline(model: str | Path | None = None, device: str | torch.device | 
         _check_local_folder(path)
     try:
         with _quiet_loading():
-            pipe = XMDPTPipeline.from_pretrained(str(path), **(_weight_free_components(path) if local else {}))
+            pipe = XMDPTPipeline.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as err:
         # Offline Hub misses, corrupt safetensors and mismatched configs all land here; one line says which.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

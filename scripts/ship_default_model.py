@@ -1,0 +1,80 @@
+"""Turn a training checkpoint of `configs/synthetic-cpu.yaml` into the embedded default model.
+
+    xmdpt train -c configs/synthetic-cpu.yaml                        # about 45 min on 2 CPU cores
+    python scripts/ship_default_model.py runs/synthetic-cpu/checkpoints/step_00005000
+
+Writes `src/xmdpt/assets/default/`: an `XMDPTPipeline` folder (safetensors) without the training-only side blocks,
+and `xmdpt_default.json` with the synthetic set's settings (the demo regenerates its held-out identities from them)
+and the sampling defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from xmdpt.data.synthetic import SynthConfig
+from xmdpt.diffusion import make_train_scheduler
+from xmdpt.pipeline import XMDPTPipeline, make_sampling_scheduler
+from xmdpt.training.build import build_codec, build_denoiser, build_encoders
+from xmdpt.training.config import load_config
+
+OUT = Path(__file__).resolve().parents[1] / "src" / "xmdpt" / "assets" / "default"
+
+
+def strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+
+    state = json.loads((args.checkpoint / "trainer_state.json").read_text())
+    sections = ("model", "conditioning", "data", "objective")  # what inference needs of the training config
+    config = load_config(None, [f"{s}.{k}={json.dumps(v)}" for s in sections for k, v in state["config"][s].items()])
+    config.objective.mask_ratio = 0.0  # inference only: no side blocks
+    pose_encoder, reference_encoder = build_encoders(config)
+    codec = build_codec(config)
+    denoiser = build_denoiser(config, codec, pose_encoder, reference_encoder)
+    weights = load_file(args.checkpoint / f"{args.weights}.safetensors")
+    prefix = "module." if args.weights == "ema" else ""
+    sides = ("sideblocks", "sideblocks_cross", "mask_token")
+    den = {k: v for k, v in strip(weights, prefix + "denoiser.").items() if not k.startswith(sides)}
+    denoiser.load_state_dict(den)
+    pose_encoder.load_state_dict(strip(weights, prefix + "pose_encoder."))
+    reference_encoder.load_state_dict(strip(weights, prefix + "reference_encoder."))
+    scheduler = make_sampling_scheduler("ddim", make_train_scheduler(config.objective.prediction_type).config)
+    pipe = XMDPTPipeline(denoiser.eval(), codec, pose_encoder.eval(), reference_encoder.eval(), scheduler)
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    pipe.save_pretrained(args.out)
+    d = config.data
+    synth = SynthConfig(num_identities=d.synth_identities, poses_per_identity=d.synth_poses, size=tuple(d.size),
+                        seed=d.synth_seed)  # fmt: skip
+    info = {
+        "num_identities": synth.num_identities,
+        "poses_per_identity": synth.poses_per_identity,
+        "size": list(synth.size),
+        "seed": synth.seed,
+        "test_fraction": synth.test_fraction,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "trained": {"config": "configs/synthetic-cpu.yaml", "step": state["step"], "weights": args.weights},
+    }
+    (args.out / "xmdpt_default.json").write_text(json.dumps(info, indent=1) + "\n")
+    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"wrote {args.out} ({size / 2**20:.1f} MiB, {denoiser.num_parameters():,} denoiser parameters)")
+
+
+if __name__ == "__main__":
+    main()
