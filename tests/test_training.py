@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from xmdpt.cli import main
+from xmdpt.errors import InputError
 from xmdpt.pipeline import XMDPTPipeline
 from xmdpt.training.config import load_config
 
@@ -324,6 +325,18 @@ def test_ctrl_c_writes_a_checkpoint(synth_root, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
 
 
+def published_setup(tiny_hub) -> list[str]:
+    """Frozen DINOv2 encoders and SD-VAE latents, with tiny stand-ins from the `tiny_hub` fixture."""
+    return [
+        "conditioning.encoder=dinov2",
+        f"conditioning.pose_encoder={tiny_hub / 'dinov2'}",
+        f"conditioning.reference_encoder={tiny_hub / 'dinov2'}",
+        "conditioning.codec=vae",
+        f"conditioning.vae={tiny_hub / 'vae'}",
+        "data.size=[64,48]",
+    ]
+
+
 def test_published_setup_trains_with_frozen_dinov2_and_vae(synth_root, tmp_path, tiny_hub):
     """The DeepFashion recipe's code path (frozen DINOv2 encoders, SD-VAE latents) with tiny stand-ins."""
     from xmdpt.training.trainer import Trainer
@@ -332,12 +345,7 @@ def test_published_setup_trains_with_frozen_dinov2_and_vae(synth_root, tmp_path,
         ROOT / "configs" / "deepfashion-256x176-S.yaml",
         [
             *overrides(synth_root, tmp_path / "run", "optim.max_steps=2", "run.checkpoint_every=2"),
-            "conditioning.encoder=dinov2",
-            f"conditioning.pose_encoder={tiny_hub / 'dinov2'}",
-            f"conditioning.reference_encoder={tiny_hub / 'dinov2'}",
-            "conditioning.codec=vae",
-            f"conditioning.vae={tiny_hub / 'vae'}",
-            "data.size=[64,48]",
+            *published_setup(tiny_hub),
         ],
     )
     trainer = Trainer(config)
@@ -357,21 +365,13 @@ def test_feature_cache_serves_the_frozen_outputs_and_trains(synth_root, tmp_path
     from xmdpt.training.cache import CachedPairs, image_tensors
     from xmdpt.training.trainer import Trainer
 
-    config = load_config(
-        None,
-        [
-            *overrides(synth_root, tmp_path / "run", "optim.max_steps=2", "run.checkpoint_every=2"),
-            "conditioning.encoder=dinov2",
-            f"conditioning.pose_encoder={tiny_hub / 'dinov2'}",
-            f"conditioning.reference_encoder={tiny_hub / 'dinov2'}",
-            "conditioning.codec=vae",
-            f"conditioning.vae={tiny_hub / 'vae'}",
-            "data.size=[64,48]",
-            "data.scale=0",
-            "data.cache_features=true",
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ],
-    )
+    settings = [
+        *overrides(synth_root, tmp_path / "run", "optim.max_steps=2", "run.checkpoint_every=2"),
+        *published_setup(tiny_hub),
+        "data.cache_features=true",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    config = load_config(None, [*settings, "data.scale=0"])
     trainer = Trainer(config)
     assert isinstance(trainer.dataset, CachedPairs) and list((tmp_path / "cache").glob("shard_*.safetensors"))
     # A cached entry equals the frozen networks' output on the (flipped) image, to float16 precision.
@@ -385,13 +385,5 @@ def test_feature_cache_serves_the_frozen_outputs_and_trains(synth_root, tmp_path
     torch.testing.assert_close(entry["pose_features"], expected, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(entry["mean"], latent, rtol=1e-2, atol=1e-2)
     assert trainer.train().step == 2
-    with pytest.raises(Exception, match="data.scale=0"):
-        Trainer(load_config(None, [*config_overrides(config), "data.scale=0.05"]))
-
-
-def config_overrides(config):
-    flat = []
-    for section, values in config.to_dict().items():
-        for key, value in values.items():
-            flat.append(f"{section}.{key}={'null' if value is None else value}")
-    return [item.replace("True", "true").replace("False", "false") for item in flat]
+    with pytest.raises(InputError, match="data.scale=0"):
+        Trainer(load_config(None, [*settings, "data.scale=0.05"]))
