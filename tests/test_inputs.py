@@ -118,8 +118,6 @@ def test_pipeline_takes_images_poses_and_files_like_the_tensors(tmp_path):
     torch.testing.assert_close(run([tmp_path / "a.png", b], [pose_a, tmp_path / "b.json"]), expected)
     images = pipe([a, b], [pose_a, pose_b], num_inference_steps=3, progress=False).images
     assert [im.size for im in images] == [(SIZE[1], SIZE[0])] * 2
-    legacy = pipe(ref, pose_image=pose, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
-    assert len(legacy.images) == 2
     with pytest.raises(InputError, match="2 reference images but 3 poses"):
         pipe([a, b], [pose_a, pose_b, pose_a], progress=False)
     with pytest.raises(InputError, match="output_type"):

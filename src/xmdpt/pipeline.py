@@ -184,7 +184,7 @@ class XMDPTPipeline(DiffusionPipeline):
     def __call__(
         self,
         reference_image: ImageInput | Sequence[ImageInput],
-        target_pose: PoseInput | Sequence[PoseInput] | None = None,
+        target_pose: PoseInput | Sequence[PoseInput],
         num_inference_steps: int = 50,
         guidance_scale: float = 2.0,
         guidance_power: float = 0.01,
@@ -195,7 +195,6 @@ class XMDPTPipeline(DiffusionPipeline):
         progress: bool = True,
         fit: Fit = "pad",
         pose_extractor: PoseExtractor | None = None,
-        pose_image: torch.Tensor | None = None,
     ) -> XMDPTPipelineOutput:
         """Generate the reference person in the target pose.
 
@@ -204,13 +203,11 @@ class XMDPTPipeline(DiffusionPipeline):
         keypoints found by MediaPipe), or the rendered skeleton (B, 3, H, W) in [0, 1]; or a list of them.
         Images and poses are brought to `self.image_size` by `fit` ("pad", "crop" or "stretch"), the pose in the same
         frame; tensors must already be at that size. One reference with several poses is used for each pose.
-        `pose_extractor` (a `PoseExtractor`, left open) saves opening MediaPipe per call for driving photos;
-        `pose_image` is the former name of `target_pose`. Returns PIL images, or with output_type="pt" a tensor
-        (B, 3, H, W) in [-1, 1].
+        `pose_extractor` (a `PoseExtractor`, left open) saves opening MediaPipe per call for driving photos.
+        Returns PIL images, or with output_type="pt" a tensor (B, 3, H, W) in [-1, 1].
         """
         if output_type not in ("pil", "pt"):
             raise InputError(f"unknown output_type {output_type!r}; use 'pil' or 'pt'")
-        target_pose = pose_image if target_pose is None else target_pose
         with PoseReader(pose_extractor) as reader:
             reference_image, pose_image = prepare_inputs(reference_image, target_pose, self.image_size, fit, reader)
         device = self._execution_device
