@@ -124,7 +124,11 @@ class InceptionV3Features(FeatureExtractor):
         from torchvision.models import inception_v3
 
         net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        state = _torchvision_inception_state(weights)
+        from torchvision.models import Inception_V3_Weights
+
+        state = pretrained_state(
+            weights, Inception_V3_Weights.IMAGENET1K_V1, "torchvision Inception-v3 weights", TORCHVISION_INCEPTION_URL
+        )
         _load_strict(net, state, what="torchvision Inception-v3")
         # The block list of CFLD's build_metric (and GFLA's InceptionV3 blocks 0-3): everything up to the pool.
         self.blocks = nn.Sequential(
@@ -228,19 +232,21 @@ def load_state_file(path: Path | str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _torchvision_inception_state(weights: Path | str | Mapping[str, torch.Tensor] | None) -> Mapping:
+def pretrained_state(
+    weights: Path | str | Mapping[str, torch.Tensor] | None, torchvision_weights, what: str, url: str
+):
+    """A state dict given in memory, as a file, or (None) torchvision's `torchvision_weights` from the hub cache;
+    offline and uncached, one line naming the file to get."""
     if isinstance(weights, Mapping):
         return weights
     if weights is not None:
         return load_state_file(weights)
-    from torchvision.models import Inception_V3_Weights
-
     try:
-        return Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        return torchvision_weights.get_state_dict(progress=False)
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise InputError(
-            f"torchvision Inception-v3 weights are not in the torch hub cache and cannot be downloaded ({error}); "
-            f"download {TORCHVISION_INCEPTION_URL} and give the file"
+            f"{what} are not in the torch hub cache and cannot be downloaded ({error}); "
+            f"download {url} and give the file"
         ) from error
 
 

@@ -41,7 +41,7 @@ from xmdpt.evaluation.fid import (
     extract_features,
     fid_from_stats,
     fingerprint_names,
-    load_state_file,
+    pretrained_state,
 )
 from xmdpt.evaluation.protocol import (
     IMAGE_SUFFIXES,
@@ -224,19 +224,9 @@ def alexnet_to_lpips_backbone(state: Mapping[str, torch.Tensor], backbone: nn.Mo
 
 
 def _alexnet_state(weights: Path | str | Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
-    if isinstance(weights, Mapping):
-        return weights
-    if weights is not None:
-        return load_state_file(weights)
     from torchvision.models import AlexNet_Weights
 
-    try:
-        return AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except (OSError, RuntimeError) as error:
-        raise InputError(
-            f"AlexNet weights for LPIPS are not in the torch hub cache and cannot be downloaded ({error}); "
-            f"download {ALEXNET_URL} and give the file"
-        ) from error
+    return pretrained_state(weights, AlexNet_Weights.IMAGENET1K_V1, "AlexNet weights for LPIPS", ALEXNET_URL)
 
 
 # ------------------------------------------------------------------------------------------------ the accumulator
