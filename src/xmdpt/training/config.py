@@ -124,22 +124,26 @@ CHOICES = {
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults <- YAML file <- `section.field=value` overrides, type-checked against the dataclasses."""
     merged = OmegaConf.structured(TrainConfig)
-    try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise InputError(f"{path}: no such config file")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for item in overrides or []:
-            if "=" not in item:
-                raise InputError(f"override {item!r} must look like section.field=value, e.g. optim.lr=3e-4")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
-    except OmegaConfBaseException as err:
-        where = f"{path}: " if path is not None else ""
-        raise InputError(f"{where}{str(err).splitlines()[0]}") from None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such config file")
+        merged = _merge(merged, lambda: OmegaConf.load(path), f"{path}: ")
+    for item in overrides or []:
+        if "=" not in item:
+            raise InputError(f"override {item!r} must look like section.field=value, e.g. optim.lr=3e-4")
+    merged = _merge(merged, lambda: OmegaConf.from_dotlist(list(overrides or [])), "override: ")
     config: TrainConfig = OmegaConf.to_object(merged)
     validate(config)
     return config
+
+
+def _merge(base, load, where: str):
+    """Merge one layer, naming the layer (the file, or the command line) in a one-line error."""
+    try:
+        return OmegaConf.merge(base, load())
+    except OmegaConfBaseException as err:
+        raise InputError(f"{where}{str(err).splitlines()[0]}") from None
 
 
 def validate(config: TrainConfig) -> None:
