@@ -14,6 +14,7 @@ sampling side loads directly.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -490,6 +491,16 @@ class Trainer:
                 log.error("the processes hold different weights: %s", sums.tolist())
             if self.images.skipped:
                 log.warning("%d bad samples were skipped", self.images.skipped)
+        acc.wait_for_everyone()
+
+    def close(self) -> None:
+        """Release the wrapped model before the process group goes: a DDP reducer that outlives its gloo group is
+        torn down at interpreter exit and can abort there ("terminate called without an active exception")."""
+        acc = self.accelerator
+        self.step_module = self.optimizer = self.lr_schedule = self.ema = None
+        acc.free_memory()
+        gc.collect()
+        acc.wait_for_everyone()
         acc.end_training()
 
 
@@ -572,4 +583,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     if trainer.accelerator.is_main_process:
         params = sum(p.numel() for p in trainer.step_module.parameters())
         check_free_space(trainer.out_dir, params * 4 * 6)  # weights, EMA, 2 Adam moments, pipeline, margin
-    return trainer.train()
+    result = trainer.train()
+    trainer.close()
+    return result
