@@ -44,7 +44,7 @@ def run(pipe, conds, steps, public, dtype) -> tuple[float, torch.Tensor]:
     noise = torch.randn(conds["reference_latent"].shape, generator=torch.Generator().manual_seed(2))
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        condition = pipe.denoiser.embed_condition(**conds)
+        condition = pipe.embed_condition(conds)
         out = pipe.denoise(conds, condition, steps, 2.0, latents=noise, public_schedule=public, progress=False)
     return time.perf_counter() - start, out.float()
 

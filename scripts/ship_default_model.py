@@ -1,6 +1,6 @@
 """Turn a training checkpoint of `configs/synthetic-cpu.yaml` into the embedded default model.
 
-    xmdpt train -c configs/synthetic-cpu.yaml                        # about 45 min on 2 CPU cores
+    xmdpt train -c configs/synthetic-cpu.yaml                        # about 90 min on 2 CPU cores
     python scripts/ship_default_model.py runs/synthetic-cpu/checkpoints/step_00005000
 
 Writes `src/xmdpt/assets/default/`: an `XMDPTPipeline` folder (safetensors) without the training-only side blocks,
@@ -17,10 +17,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from xmdpt.data.synthetic import SynthConfig
+from xmdpt.default_model import write_model_info
 from xmdpt.diffusion import make_train_scheduler
 from xmdpt.pipeline import XMDPTPipeline, make_sampling_scheduler
-from xmdpt.training.build import build_codec, build_denoiser, build_encoders
+from xmdpt.training.build import build_codec, build_denoiser, build_encoders, synth_config
 from xmdpt.training.config import load_config
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "xmdpt" / "assets" / "default"
@@ -58,20 +58,8 @@ def main() -> None:
 
     shutil.rmtree(args.out, ignore_errors=True)
     pipe.save_pretrained(args.out)
-    d = config.data
-    synth = SynthConfig(num_identities=d.synth_identities, poses_per_identity=d.synth_poses, size=tuple(d.size),
-                        seed=d.synth_seed)  # fmt: skip
-    info = {
-        "num_identities": synth.num_identities,
-        "poses_per_identity": synth.poses_per_identity,
-        "size": list(synth.size),
-        "seed": synth.seed,
-        "test_fraction": synth.test_fraction,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance,
-        "trained": {"config": "configs/synthetic-cpu.yaml", "step": state["step"], "weights": args.weights},
-    }
-    (args.out / "xmdpt_default.json").write_text(json.dumps(info, indent=1) + "\n")
+    trained = {"config": "configs/synthetic-cpu.yaml", "step": state["step"], "weights": args.weights}
+    write_model_info(args.out, synth_config(config), args.steps, args.guidance, trained=trained)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"wrote {args.out} ({size / 2**20:.1f} MiB, {denoiser.num_parameters():,} denoiser parameters)")
 

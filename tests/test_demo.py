@@ -45,9 +45,16 @@ def test_pairs_spread_over_identities_and_follow_the_seed():
 def test_scores_rank_the_truth_first():
     pairs = held_out_pairs(SYNTH_CONFIG, 2, seed=0, size=SIZE)
     truths = [p.target for p in pairs]
-    perfect, copy = score(truths, truths), score([p.reference for p in pairs], truths)
+    perfect, copy = score(truths, truths, pairs), score([p.reference for p in pairs], truths, pairs)
     assert np.allclose(perfect.ssim, 1) and np.isinf(perfect.psnr).all()
     assert (copy.ssim < 1).all() and np.isfinite(copy.psnr).all()
+    # The pose match: the truth is nearest to itself; a copied reference is nearest to the reference's pose.
+    assert perfect.pose_match.all() and not copy.pose_match.any()
+    assert all(len(p.views) == 16 for p in pairs)
+    assert all(p.views[p.target_view] is not p.reference for p in pairs)
+    # Another pose of the same person is a miss.
+    others = [p.views[(p.target_view + 1) % len(p.views)] for p in pairs]
+    assert not score(others, truths, pairs).pose_match.any()
 
 
 def test_demo_command_writes_the_grid_and_prints_scores(tmp_path, monkeypatch, capsys):
@@ -64,6 +71,7 @@ def test_demo_command_writes_the_grid_and_prints_scores(tmp_path, monkeypatch, c
     baseline = f"SSIM {result.copy_reference.ssim.mean():.3f}  PSNR {result.copy_reference.psnr.mean():.2f} dB"
     assert baseline in printed
     assert f"SSIM {result.model.ssim.mean():.3f}" in printed  # the command's numbers are the library's
+    assert "pose match 0/3" in printed.splitlines()[-2]  # the baseline's line
 
 
 def test_demo_needs_a_synthetic_model(tmp_path, capsys):
@@ -83,4 +91,5 @@ def test_shipped_model_beats_copying_the_reference(monkeypatch):
     result = run_demo(pipe, info.synth, 8, info.num_inference_steps, info.guidance_scale, progress=False)
     assert result.model.ssim.mean() > result.copy_reference.ssim.mean()
     assert result.model.psnr.mean() > result.copy_reference.psnr.mean()
+    assert result.model.pose_match.mean() >= 0.75  # the figure stands in the target pose, not the reference's
     assert result.seconds < 60

@@ -201,3 +201,52 @@ def test_preset_parameter_counts_equal_the_public_code(preset):
     # The public checkpoints hold 207 entries for S and B (blocks, side blocks, buffers).
     if preset in ("S/2", "B/2"):
         assert len(model.state_dict()) == 207
+
+
+# ---- beyond the paper: the spatial pose map -----------------------------------------------------------------------
+
+
+def pose_map_model():
+    # 8x6 latents from 32x24 images: factor 4, so 3 * 16 = 48 pose-map channels.
+    return randomize(tiny_model(pose_map_channels=48), std=0.05)
+
+
+def test_pose_map_is_a_lossless_unshuffle_of_the_rendered_pose():
+    model = pose_map_model()
+    pose = torch.rand(2, 3, 32, 24)
+    grid = model.pose_map(pose)
+    assert grid.shape == (2, 48, 8, 6)
+    torch.testing.assert_close((torch.nn.functional.pixel_shuffle(grid, 4) + 1) / 2, pose)
+    with pytest.raises(ValueError, match="does not give 48 channels"):
+        model.pose_map(torch.rand(2, 3, 64, 48))
+
+
+def test_pose_map_steers_the_prediction_where_the_pose_changes():
+    model = pose_map_model()
+    x = tiny_inputs(model, batch=1)
+    pose = torch.zeros(1, 3, 32, 24)
+    moved = pose.clone()
+    moved[..., 0:4, 0:4] = 1.0  # a limb in the top-left latent cell only
+    a = model(**x, pose_map=model.pose_map(pose))
+    b = model(**x, pose_map=model.pose_map(moved))
+    assert not torch.allclose(a, b)
+    # Unconditional (y dropped) still sees the pose: guidance sharpens appearance, not where the limbs go.
+    drop = torch.ones(1, dtype=torch.bool)
+    assert not torch.allclose(
+        model(**x, drop_condition=drop, pose_map=model.pose_map(pose)),
+        model(**x, drop_condition=drop, pose_map=model.pose_map(moved)),
+    )
+    # The masked pass takes it too.
+    ids_keep = random_masking(1, model.num_tokens, 0.3, torch.Generator().manual_seed(0))
+    assert model(**x, ids_keep=ids_keep, pose_map=model.pose_map(pose)).shape == a.shape
+
+
+def test_pose_map_is_required_exactly_when_built_with_it():
+    with_map, without = pose_map_model(), tiny_model()
+    x = tiny_inputs(with_map, batch=1)
+    with pytest.raises(ValueError, match="needs a pose_map"):
+        with_map(**x)
+    with pytest.raises(ValueError, match="built without a pose_map"):
+        without(**x, pose_map=with_map.pose_map(torch.rand(1, 3, 32, 24)))
+    with pytest.raises(ValueError, match="must be 3 x"):
+        tiny_model(pose_map_channels=10)

@@ -34,7 +34,7 @@ def run(pipe, ref, pose, **kwargs):
 
 def test_batched_guidance_equals_two_separate_passes(pipe):
     ref, pose = inputs()
-    cond = pipe.denoiser.embed_condition(**pipe.encode_conditions(ref, pose))
+    cond = pipe.embed_condition(pipe.encode_conditions(ref, pose))
     x, t = torch.randn(2, 4, 8, 6), torch.tensor(500)
     guided = pipe.guided_prediction(x, t, cond, guidance_scale=3.0, power=1.0)
     c = pipe.denoiser(x, t.expand(2), condition=cond)
@@ -145,3 +145,29 @@ def test_wrong_input_shapes_are_input_errors(pipe):
         pipe(ref[:, :, :32], pose, progress=False)
     with pytest.raises(InputError, match="reference images"):
         pipe(ref, pose[:1], progress=False)
+
+
+def test_pose_map_model_samples_equal_the_public_schedule_and_follow_the_pose(tiny_hub):
+    pose_encoder = DinoV2Encoder.from_dinov2(tiny_hub / "dinov2", image_size=28, input_transform="unit")
+    reference_encoder = DinoV2Encoder.from_dinov2(tiny_hub / "dinov2", image_size=28, input_transform="signed")
+    model = tiny_model(
+        pose_feature_dim=32, pose_num_tokens=5, reference_feature_dim=32, reference_num_tokens=5, pose_map_channels=192
+    )  # 64x48 images on the 8x6 latent grid: factor 8, so 3 * 64 channels
+    randomize(model, std=0.05).eval()
+    scheduler = make_sampling_scheduler("ddim", make_train_scheduler().config)
+    pipe = XMDPTPipeline(model, VAECodec.from_vae(tiny_hub / "vae"), pose_encoder, reference_encoder, scheduler)
+    ref, pose = inputs()
+    assert pipe.encode_conditions(ref, pose)["pose_map"].shape == (2, 192, 8, 6)
+    ours = run(pipe, ref, pose)
+    torch.testing.assert_close(ours, run(pipe, ref, pose, public_schedule=True), rtol=1e-4, atol=1e-5)
+    moved = pose.clone()
+    moved[..., :8, :8] = 1 - moved[..., :8, :8]
+    assert not torch.allclose(ours, run(pipe, ref, moved))
+    # Guidance batches the pose map with both halves.
+    conditions = pipe.encode_conditions(ref, pose)
+    cond = pipe.embed_condition(conditions)
+    x, t, pm = torch.randn(2, 4, 8, 6), torch.tensor(500), conditions["pose_map"]
+    guided = pipe.guided_prediction(x, t, cond, 3.0, 1.0, pm)
+    c = pipe.denoiser(x, t.expand(2), condition=cond, pose_map=pm)
+    u = pipe.denoiser(x, t.expand(2), condition=torch.zeros_like(cond), pose_map=pm)
+    torch.testing.assert_close(guided, u + guidance_ramp(3.0, t, 1000, 1.0) * (c - u), rtol=1e-5, atol=1e-6)

@@ -157,6 +157,16 @@ def test_training_writes_checkpoints_logs_and_a_loadable_pipeline(synth_root, tm
     torch.testing.assert_close(pipe.denoiser.pos_embed, ema["module.denoiser.pos_embed"])
     images = pipe(torch.zeros(1, 3, 32, 24), torch.zeros(1, 3, 32, 24), num_inference_steps=2, progress=False).images
     assert images[0].size == (24, 32)
+    # A synthetic run's export names its data set, so `xmdpt demo --model` scores it on the held-out people.
+    from xmdpt.cli import main
+    from xmdpt.default_model import read_model_info
+
+    info = read_model_info(out / "checkpoints" / "step_00000006" / "pipeline")
+    assert info.synth.num_identities == 12 and info.synth.size == (32, 24) and info.num_inference_steps == 2
+    main(
+        ["demo", "--model", str(out / "checkpoints" / "step_00000006" / "pipeline"), "--out", str(tmp_path / "d.png")]
+    )
+    assert (tmp_path / "d.png").is_file()
     # TensorBoard holds both passes' losses apart, the learning rate and the throughput.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -387,3 +397,22 @@ def test_feature_cache_serves_the_frozen_outputs_and_trains(synth_root, tmp_path
     assert trainer.train().step == 2
     with pytest.raises(InputError, match="data.scale=0"):
         Trainer(load_config(None, [*settings, "data.scale=0.05"]))
+    with pytest.raises(InputError, match="model.pose_map"):
+        Trainer(load_config(None, [*settings, "data.scale=0", "model.pose_map=true"]))
+
+
+def test_pose_map_model_trains_and_its_pipeline_feeds_the_pose(synth_root, tmp_path):
+    from xmdpt.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, overrides(synth_root, run, "optim.max_steps=2", "model.pose_map=true")))
+    assert trainer.denoiser.config.pose_map_channels == 48  # 32x24 images, pixel codec factor 4
+    before = trainer.denoiser.pose_embedder.proj.weight.detach().clone()
+    assert trainer.train().step == 2
+    assert not torch.equal(before, trainer.denoiser.pose_embedder.proj.weight)  # the loss reaches it
+    pipe = XMDPTPipeline.from_pretrained(run / "checkpoints" / "step_00000002" / "pipeline")
+    ref, pose = torch.zeros(1, 3, 32, 24), torch.zeros(1, 3, 32, 24)
+    latents = torch.randn(1, 48, 8, 6, generator=torch.Generator().manual_seed(0))
+    a = pipe(ref, pose, num_inference_steps=2, progress=False, output_type="pt", latents=latents).images
+    b = pipe(ref, pose + 1, num_inference_steps=2, progress=False, output_type="pt", latents=latents).images
+    assert not torch.allclose(a, b)

@@ -75,6 +75,17 @@ def read_model_info(folder: str | Path | None) -> ModelInfo:
         raise InputError(f"{path}: not a valid {INFO_FILE} ({err})") from None
 
 
+def write_model_info(
+    folder: str | Path, synth: SynthConfig | None, num_inference_steps: int, guidance_scale: float, **extra
+) -> Path:
+    """Write `xmdpt_default.json` beside a saved pipeline (`extra`: more keys, e.g. how it was trained)."""
+    info = {} if synth is None else {**synth.__dict__, "size": list(synth.size)}
+    info.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **extra)
+    path = Path(folder) / INFO_FILE
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path
+
+
 def resolve_device(device: str | None) -> torch.device:
     """`None` or "auto": CUDA when present, else the CPU; an explicit device must exist."""
     if device in (None, "", "auto"):

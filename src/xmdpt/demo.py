@@ -4,7 +4,10 @@ The synthetic set is a pure function of (seed, identity, pose index), so the hel
 training set (its `xmdpt_default.json`) are redrawn here, only the images the chosen pairs need, exactly as the data
 set serves them (keypoints through the 256x176 annotation frame, rounded, as `CsvPairs` reads them). Scores are SSIM
 (Wang et al.: Gaussian window sigma 1.5, on uint8 RGB) and PSNR against the ground truth, for the model and for the
-trivial baseline that copies the reference image to the output.
+trivial baseline that copies the reference image to the output, and the pose match: whether the output is nearer
+(SSIM) to the person in the target pose than to the same person in any of 15 other poses (their data-set poses and
+fresh ones from the same generator; chance is 1/16). Copying the reference never matches (it is nearest to the
+reference's own pose), so the pose match measures following the pose apart from getting colours and background right.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from xmdpt.pose.render import draw_skeleton
 log = logging.getLogger(__name__)
 COLUMNS = ("reference", "target pose", "generated", "ground truth")
 CELL_HEIGHT = 192  # small images are enlarged (nearest neighbour, pixels stay visible) to about this height
+POSE_CANDIDATES = 16  # poses of the same person among which the output must be nearest to the target's
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,15 @@ class HeldOutPair:
     reference: Image.Image
     target: Image.Image
     target_pose: Pose
+    views: tuple[Image.Image, ...] = ()  # the same person in each of their poses (the reference and target included)
+    target_view: int = 0  # the target's index in `views`
 
 
 @dataclass(frozen=True)
 class Scores:
     ssim: np.ndarray  # per pair
     psnr: np.ndarray
+    pose_match: np.ndarray | None = None  # per pair: nearest (SSIM) to the target among the person's poses
 
 
 @dataclass(frozen=True)
@@ -96,28 +103,49 @@ def _view(synth: SynthConfig, index: int, k: int, size: tuple[int, int]) -> tupl
 def held_out_pairs(synth: SynthConfig, num_pairs: int, seed: int, size: tuple[int, int]) -> list[HeldOutPair]:
     pairs = []
     for index, k in choose_pairs(synth, num_pairs, seed):
-        ref_name, reference, _ = _view(synth, index, k, size)
-        tgt_name, target, target_pose = _view(synth, index, (k + 1) % synth.poses_per_identity, size)
-        pairs.append(HeldOutPair(ref_name, tgt_name, reference, target, target_pose))
+        views = [_view(synth, index, j, size) for j in range(max(synth.poses_per_identity, POSE_CANDIDATES))]
+        t = (k + 1) % synth.poses_per_identity
+        (ref_name, reference, _), (tgt_name, target, target_pose) = views[k], views[t]
+        images = tuple(v[1] for v in views)
+        pairs.append(HeldOutPair(ref_name, tgt_name, reference, target, target_pose, images, t))
     return pairs
 
 
-def score(outputs: list[Image.Image], truths: list[Image.Image]) -> Scores:
-    """Per-pair SSIM and PSNR of uint8 RGB images."""
+def _ssim(a: Image.Image, b: Image.Image) -> float:
+    from skimage.metrics import structural_similarity
+
+    a, b = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+    return structural_similarity(
+        a, b, channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
+
+
+def pose_match(outputs: list[Image.Image], pairs: list[HeldOutPair]) -> np.ndarray:
+    """Per pair: is the output nearer (SSIM) to the person in the target pose than in each of their other poses?"""
+    return np.array(
+        [
+            int(np.argmax([_ssim(out, v) for v in p.views])) == p.target_view
+            for out, p in zip(outputs, pairs, strict=True)
+        ]
+    )
+
+
+def score(outputs: list[Image.Image], truths: list[Image.Image], pairs: list[HeldOutPair] | None = None) -> Scores:
+    """Per-pair SSIM and PSNR of uint8 RGB images; with the `pairs` (and their views), the pose match too."""
     try:
-        from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+        from skimage.metrics import peak_signal_noise_ratio
     except ImportError as err:
         raise InputError(f"the demo's scores need scikit-image: pip install 'xmdpt[eval]' ({err})") from None
     ssim, psnr = [], []
     for output, truth in zip(outputs, truths, strict=True):
-        a, b = np.asarray(output.convert("RGB")), np.asarray(truth.convert("RGB"))
-        ssim.append(
-            structural_similarity(
-                a, b, channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        ssim.append(_ssim(output, truth))
+        psnr.append(
+            peak_signal_noise_ratio(
+                np.asarray(truth.convert("RGB")), np.asarray(output.convert("RGB")), data_range=255
             )
         )
-        psnr.append(peak_signal_noise_ratio(b, a, data_range=255))
-    return Scores(np.array(ssim), np.array(psnr))
+    matched = pose_match(outputs, pairs) if pairs and all(p.views for p in pairs) else None
+    return Scores(np.array(ssim), np.array(psnr), matched)
 
 
 def make_grid(pairs: list[HeldOutPair], generated: list[Image.Image]) -> Image.Image:
@@ -164,7 +192,7 @@ def run_demo(
         progress=progress,
     ).images
     truths = [p.target for p in pairs]
-    model = score(generated, truths)
-    baseline = score([p.reference for p in pairs], truths)
+    model = score(generated, truths, pairs)
+    baseline = score([p.reference for p in pairs], truths, pairs)
     grid = make_grid(pairs, generated)
     return DemoResult(pairs, generated, model, baseline, grid, time.perf_counter() - start)

@@ -207,11 +207,13 @@ class XMDPTLoss:
         reference_latent: torch.Tensor,
         generator: torch.Generator | None = None,
         draws: LossDraws | None = None,
+        pose_map: torch.Tensor | None = None,
     ) -> LossOutput:
         """One training loss on clean target latents (B, C, H, W) and their conditions.
 
         Both passes see the same x_t and t; the condition dropout is drawn for each pass, as published. `draws`
-        (from `draw`) fixes the randomness; otherwise it is drawn from `generator`.
+        (from `draw`) fixes the randomness; otherwise it is drawn from `generator`. `pose_map` goes to models built
+        with pose_map_channels > 0.
         """
         if draws is None:
             draws = self.draw(tuple(latents.shape), model.num_tokens, generator)
@@ -220,11 +222,13 @@ class XMDPTLoss:
         x_t = self.scheduler.add_noise(latents, noise, t)
         conditions = (pose_features, reference_features, reference_latent)
 
-        output = model(x_t, t, *conditions, drop_condition=draws.drop_full)
+        output = model(x_t, t, *conditions, drop_condition=draws.drop_full, pose_map=pose_map)
         full = self.pass_loss(output, latents, noise, x_t, t)
         masked = None
         if draws.ids_keep is not None:
-            output = model(x_t, t, *conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep)
+            output = model(
+                x_t, t, *conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep, pose_map=pose_map
+            )
             masked = self.pass_loss(output, latents, noise, x_t, t)
         total = full.mean() + (masked.mean() if masked is not None else 0.0)
         return LossOutput(

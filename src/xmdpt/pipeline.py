@@ -88,11 +88,19 @@ class XMDPTPipeline(DiffusionPipeline):
         """Everything that depends only on the reference (B, 3, H, W) in [-1, 1] and the rendered target pose
         (B, 3, H, W) in [0, 1]: computed once per image."""
         reference_latent = self.codec.encode(reference_image)  # deterministic posterior mean
-        return dict(
+        conditions = dict(
             pose_features=self.pose_encoder(pose_image),  # (B, T_p, W_p)
             reference_features=self.reference_encoder((reference_image + 1) / 2),  # (B, T_r, W_r)
             reference_latent=reference_latent.to(self.denoiser.dtype),  # (B, C, h, w)
         )
+        if self.denoiser.pose_embedder is not None:
+            conditions["pose_map"] = self.denoiser.pose_map(pose_image).to(self.denoiser.dtype)  # (B, 3 f^2, h, w)
+        return conditions
+
+    def embed_condition(self, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The aggregation vector y (B, D) from `encode_conditions`' output."""
+        keys = ("pose_features", "reference_features", "reference_latent")
+        return self.denoiser.embed_condition(*(conditions[k] for k in keys))
 
     def _check_inputs(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> None:
         size = self.image_size
@@ -110,14 +118,21 @@ class XMDPTPipeline(DiffusionPipeline):
         return output[:, :channels]
 
     def guided_prediction(
-        self, latents: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, guidance_scale: float, power: float
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        condition: torch.Tensor,
+        guidance_scale: float,
+        power: float,
+        pose_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One batched forward for the conditional and unconditional halves (y = 0 is the unconditional model)."""
         B = latents.shape[0]
         if guidance_scale == 1.0:
-            return self.denoiser(latents, t.expand(B), condition=condition)
+            return self.denoiser(latents, t.expand(B), condition=condition, pose_map=pose_map)
         both = torch.cat([condition, torch.zeros_like(condition)])
-        out = self.denoiser(torch.cat([latents, latents]), t.expand(2 * B), condition=both)
+        pose_map = None if pose_map is None else torch.cat([pose_map, pose_map])
+        out = self.denoiser(torch.cat([latents, latents]), t.expand(2 * B), condition=both, pose_map=pose_map)
         cond, uncond = out.chunk(2)
         T = self.scheduler.config.num_train_timesteps
         return uncond + guidance_ramp(guidance_scale, t, T, power).to(out.dtype) * (cond - uncond)
@@ -131,8 +146,11 @@ class XMDPTPipeline(DiffusionPipeline):
 
         def one_pass(drop: bool) -> torch.Tensor:
             x = model.embed_latent(latents)
+            if "pose_map" in conditions:
+                x = x + model.pose_embedder(conditions["pose_map"])
             ref = model.embed_latent(conditions["reference_latent"])
-            y = model.embed_condition(**conditions, reference_tokens=ref) * (0.0 if drop else 1.0)
+            keys = ("pose_features", "reference_features", "reference_latent")
+            y = model.embed_condition(*(conditions[k] for k in keys), reference_tokens=ref) * (0.0 if drop else 1.0)
             c = model.t_embedder(t.expand(B)) + y
             for i, block in enumerate(model.blocks):
                 if i == model.config.depth - model.config.decode_layers:
@@ -176,7 +194,9 @@ class XMDPTPipeline(DiffusionPipeline):
             if public_schedule:
                 out = self.public_guided_prediction(model_input, t, conditions, guidance_scale, guidance_power)
             else:
-                out = self.guided_prediction(model_input, t, condition, guidance_scale, guidance_power)
+                out = self.guided_prediction(
+                    model_input, t, condition, guidance_scale, guidance_power, conditions.get("pose_map")
+                )
             latents = self.scheduler.step(self._sampler_input(out, C), t, latents, generator=generator).prev_sample
         return latents
 
@@ -215,7 +235,7 @@ class XMDPTPipeline(DiffusionPipeline):
         pose_image = pose_image.to(device)
         self._check_inputs(reference_image, pose_image)
         conditions = self.encode_conditions(reference_image, pose_image)
-        condition = self.denoiser.embed_condition(**conditions)  # (B, D), once per image
+        condition = self.embed_condition(conditions)  # (B, D), once per image
 
         latents = self.denoise(
             conditions,

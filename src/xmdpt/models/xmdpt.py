@@ -296,11 +296,14 @@ class XMDPT(ModelMixin, ConfigMixin):
         pose_num_tokens: int = 257,
         reference_feature_dim: int = 1536,
         reference_num_tokens: int = 257,
+        pose_map_channels: int = 0,
     ):
         super().__init__()
         latent_h, latent_w = sample_size
         if latent_h % patch_size or latent_w % patch_size:
             raise ValueError(f"latent size {latent_h}x{latent_w} is not divisible by the patch size {patch_size}")
+        if pose_map_channels % 3:
+            raise ValueError(f"pose_map_channels={pose_map_channels} must be 3 x (image size / latent size)^2")
         if not 1 <= decode_layers <= depth:
             raise ValueError(f"decode_layers={decode_layers} must lie in [1, depth={depth}]")
         self.grid_size = (latent_h // patch_size, latent_w // patch_size)
@@ -309,6 +312,9 @@ class XMDPT(ModelMixin, ConfigMixin):
         grid, D = self.grid_size, hidden_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, D)
+        # Beyond the paper (off by default): the rendered target pose, pixel-unshuffled to the latent grid, embedded
+        # and added to the noisy tokens, so that small models need not decode where limbs go from the vector y.
+        self.pose_embedder = PatchEmbed(patch_size, pose_map_channels, D) if pose_map_channels else None
         self.t_embedder = TimestepEmbedder(D)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D))
@@ -345,6 +351,10 @@ class XMDPT(ModelMixin, ConfigMixin):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.pose_embedder is not None:
+            w = self.pose_embedder.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.pose_embedder.proj.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, and the final layer outputs zeros.
@@ -380,6 +390,18 @@ class XMDPT(ModelMixin, ConfigMixin):
     def embed_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Latent (B, C, H, W) -> position-embedded tokens (B, N, D); shared by the noisy target and the reference."""
         return self.x_embedder(latent) + self.pos_embed
+
+    def pose_map(self, pose_image: torch.Tensor) -> torch.Tensor:
+        """The rendered target pose (B, 3, H, W) in [0, 1] -> (B, pose_map_channels, h, w) on the latent grid, by
+        pixel-unshuffle (lossless, codec-independent), in [-1, 1]."""
+        h, w = self.config.sample_size
+        H, W = pose_image.shape[-2:]
+        factor = H // h
+        if H != h * factor or W != w * factor or 3 * factor * factor != self.config.pose_map_channels:
+            raise ValueError(
+                f"a {H}x{W} pose image does not give {self.config.pose_map_channels} channels on the {h}x{w} grid"
+            )
+        return F.pixel_unshuffle(pose_image * 2 - 1, factor)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p * p * C) -> (B, C, H, W) for the configured, possibly non-square, grid."""
@@ -436,6 +458,7 @@ class XMDPT(ModelMixin, ConfigMixin):
         condition: torch.Tensor | None = None,
         drop_condition: torch.Tensor | None = None,
         ids_keep: torch.Tensor | None = None,
+        pose_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict (B, out_channels, H, W) from the noisy latent `sample` (B, C, H, W) at `timestep` (B,).
 
@@ -444,11 +467,18 @@ class XMDPT(ModelMixin, ConfigMixin):
             guidance. The training objective draws it (p = 0.1), so the forward itself is deterministic.
         ids_keep: (B, K) kept token indices from `random_masking`: the masked pass of training, which needs
             `reference_latent` for the side-interpolater's cross-attention.
+        pose_map: (B, pose_map_channels, H, W) from `pose_map`, for models built with pose_map_channels > 0. It is
+            not dropped with y: the unconditional model of guidance still sees the pose, as in PIDM.
         """
         B = sample.shape[0]
         if timestep.ndim == 0:
             timestep = timestep.expand(B)
         x = self.embed_latent(sample)  # (B, N, D)
+        if (pose_map is None) != (self.pose_embedder is None):
+            need = "needs" if self.pose_embedder is not None else "was built without"
+            raise ValueError(f"this model {need} a pose_map (pose_map_channels={self.config.pose_map_channels})")
+        if pose_map is not None:
+            x = x + self.pose_embedder(pose_map)  # (B, N, D)
         reference_tokens = None
         if condition is None:
             reference_tokens = self.embed_latent(reference_latent)  # (B, N, D)

@@ -66,6 +66,7 @@ def build_denoiser(config: TrainConfig, codec: nn.Module, pose_encoder: nn.Modul
         pose_num_tokens=pose_encoder.num_tokens,
         reference_feature_dim=reference_encoder.feature_dim,
         reference_num_tokens=reference_encoder.num_tokens,
+        pose_map_channels=3 * f * f if m.pose_map else 0,
         **sizes,
     )
 
@@ -87,16 +88,24 @@ def build_dataset(config: TrainConfig, split: str, train: bool) -> PairDataset:
     return FolderPairs(root=root, **common)
 
 
+def synth_config(config: TrainConfig):
+    """The `SynthConfig` of a run on the synthetic layout."""
+    from xmdpt.data.synthetic import SynthConfig
+
+    d = config.data
+    return SynthConfig(
+        num_identities=d.synth_identities, poses_per_identity=d.synth_poses, size=tuple(d.size), seed=d.synth_seed
+    )
+
+
 def ensure_synthetic(config: TrainConfig) -> None:
     """Generate the synthetic set into data.root unless a set with these settings is already there."""
     import json
 
-    from xmdpt.data.synthetic import SynthConfig, generate
+    from xmdpt.data.synthetic import generate
 
     d = config.data
-    synth = SynthConfig(
-        num_identities=d.synth_identities, poses_per_identity=d.synth_poses, size=tuple(d.size), seed=d.synth_seed
-    )
+    synth = synth_config(config)
     marker = Path(d.root) / "synth.json"
     if marker.is_file():
         saved = json.loads(marker.read_text())

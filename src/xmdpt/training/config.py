@@ -26,6 +26,7 @@ class ModelConfig:
     patch_size: int = 2
     learn_sigma: bool = True
     decode_layers: int = 2  # blocks after the side-interpolater (paper: 2)
+    pose_map: bool = False  # beyond the paper: also add the rendered target pose to the noisy tokens (see XMDPT)
 
 
 @dataclass

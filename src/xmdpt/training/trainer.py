@@ -32,10 +32,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from xmdpt.default_model import write_model_info
 from xmdpt.diffusion import LossDraws, XMDPTLoss, make_train_scheduler
 from xmdpt.errors import InputError
 from xmdpt.pipeline import XMDPTPipeline, make_sampling_scheduler, to_pil
-from xmdpt.training.build import build_codec, build_dataset, build_denoiser, build_encoders
+from xmdpt.training.build import build_codec, build_dataset, build_denoiser, build_encoders, synth_config
 from xmdpt.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class TrainStep(nn.Module):
             reference_features = self.encoder("reference_encoder")((reference_images + 1) / 2)  # (B, T_r, W_r)
         else:  # from the feature cache
             pose_features, reference_features = features
+        denoiser = self.trainable["denoiser"]
+        pose_map = denoiser.pose_map(pose_images) if denoiser.pose_embedder is not None else None
         out = self.objective(
             self.trainable["denoiser"],
             target_latents,
@@ -128,6 +131,7 @@ class TrainStep(nn.Module):
             reference_features,
             reference_latent,
             draws=draws,
+            pose_map=pose_map,
         )
         zeros = torch.zeros_like(out.full)
         return out.loss, out.full, out.masked if out.masked is not None else zeros
@@ -329,6 +333,8 @@ class Trainer:
         step_module = acc.unwrap_model(self.step_module)
         if step_module.trainable.keys() != {"denoiser"}:
             raise InputError("data.cache_features needs frozen encoders (conditioning.encoder=dinov2)")
+        if self.denoiser.pose_embedder is not None:
+            raise InputError("data.cache_features does not hold the rendered poses that model.pose_map needs")
         folder = Path(d.cache_dir) if d.cache_dir else Path(d.root) / ".xmdpt-cache" / cache_key(self.config)
         if acc.is_main_process:
             plain = build_dataset(self.config, "train", train=False)
@@ -445,6 +451,8 @@ class Trainer:
         }
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
         self.ema_pipeline().save_pretrained(folder / "pipeline")
+        if self.config.data.layout == "synthetic":  # `xmdpt demo --model .../pipeline` finds the held-out people
+            write_model_info(folder / "pipeline", synth_config(self.config), self.config.run.sample_steps, 2.0)
 
     def prune(self) -> None:
         keep = self.config.run.keep_last
