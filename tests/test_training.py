@@ -201,6 +201,20 @@ def test_resume_after_sigkill_is_bit_identical(synth_root, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_short_run_is_the_long_runs_checkpoint(synth_root, tmp_path):
+    """The README's five-minute run equals the long run's checkpoint at that step (constant LR after warm-up)."""
+    from xmdpt.training.trainer import train
+
+    common = ["run.checkpoint_every=3", "optim.warmup_steps=2"]
+    train(load_config(None, overrides(synth_root, tmp_path / "short", "optim.max_steps=3", *common)))
+    train(load_config(None, overrides(synth_root, tmp_path / "long", "optim.max_steps=6", *common)))
+    short = load_file(tmp_path / "short" / "checkpoints" / "step_00000003" / "ema.safetensors")
+    long = load_file(tmp_path / "long" / "checkpoints" / "step_00000003" / "ema.safetensors")
+    assert short.keys() == long.keys()
+    for key in short:
+        assert torch.equal(short[key], long[key]), key
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
