@@ -31,11 +31,14 @@ def public_schedule(model):
     """A callable with the model's signature that runs the public code's schedule of work."""
 
     def forward(
-        sample, timestep, pose_features, reference_features, reference_latent, *, drop_condition, ids_keep=None
-    ):
+        sample, timestep, pose_features, reference_features, reference_latent, *, drop_condition, ids_keep=None,
+        pose_map=None,
+    ):  # fmt: skip
         from xmdpt.models.xmdpt import gather_tokens
 
         x = model.embed_latent(sample)
+        if pose_map is not None:
+            x = x + model.pose_embedder(pose_map)
         ref = model.embed_latent(reference_latent)
         y = model.embed_condition(pose_features, reference_features, reference_latent, reference_tokens=ref)
         c = model.t_embedder(timestep) + y * (~drop_condition).to(y.dtype).unsqueeze(1)
@@ -65,14 +68,15 @@ def build(setting: str):
         model = xmdpt_from_preset("S/2", sample_size=(32, 22))
         shapes = dict(pose=(257, 768), reference=(257, 1536), latent=(4, 32, 22))
         return model, shapes
-    # The embedded default (configs/synthetic-cpu.yaml): pixel-space 64x48, learned encoders of width 96.
+    # The embedded default (configs/synthetic-cpu.yaml): pixel-space 64x48, learned encoders of width 96, pose map.
     encoder = LearnedImageEncoder(image_size=(64, 48), width=96)
     model = XMDPT(
         sample_size=(16, 12), in_channels=48, hidden_size=192, depth=6, num_heads=6,
         pose_feature_dim=96, pose_num_tokens=encoder.num_tokens,
-        reference_feature_dim=96, reference_num_tokens=encoder.num_tokens,
+        reference_feature_dim=96, reference_num_tokens=encoder.num_tokens, pose_map_channels=48,
     )  # fmt: skip
     shapes = dict(pose=(encoder.num_tokens, 96), reference=(encoder.num_tokens, 96), latent=(48, 16, 12))
+    shapes["pose_map"] = (48, 16, 12)
     return model, shapes
 
 
@@ -93,12 +97,13 @@ def measure(setting: str, schedule: str, mask: bool, batch: int, steps: int) -> 
         torch.randn(batch, *shapes["latent"], generator=g).to(device),
     ]
     latents = torch.randn(batch, *shapes["latent"], generator=g).to(device)
+    pose_map = torch.randn(batch, *shapes["pose_map"], generator=g).to(device) if "pose_map" in shapes else None
     net = public_schedule(model) if schedule == "public" else model
     times = []
     for step in range(steps + 1):  # the first step warms up
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        out = objective(net, latents, *conds, generator=torch.Generator().manual_seed(step))
+        out = objective(net, latents, *conds, generator=torch.Generator().manual_seed(step), pose_map=pose_map)
         out.loss.backward()
         optimizer.step()
         if device == "cuda":

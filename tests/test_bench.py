@@ -1,0 +1,41 @@
+"""The training benchmark runs (nothing else would notice it rotting) and compares like with like."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "training.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_training", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("schedule", ["ours", "public"])
+def test_training_benchmark_measures_the_synthetic_default(bench, schedule):
+    result = bench.measure("synthetic default 64x48", schedule, mask=True, batch=2, steps=1)
+    assert result["seconds_per_step"] > 0 and result["peak_mib"] > 0
+
+
+def test_public_schedule_computes_the_same_function(bench):
+    model, shapes = bench.build("synthetic default 64x48")
+    randomize(model, std=0.05)  # not the zero-initialised output layer, which any two schedules agree on
+    assert model.config.pose_map_channels == 48  # the shipped config's model
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, *shapes[k], generator=g) for k in ("latent", "pose", "reference", "latent")]
+    pose_map = torch.randn(2, *shapes["pose_map"], generator=g)
+    t, drop = torch.tensor([10, 900]), torch.tensor([False, True])
+    ids_keep = torch.stack([torch.randperm(model.num_tokens, generator=g)[:30] for _ in range(2)])
+    public = bench.public_schedule(model)
+    for keep in (None, ids_keep):
+        ours = model(args[0], t, args[1], args[2], args[3], drop_condition=drop, ids_keep=keep, pose_map=pose_map)
+        theirs = public(args[0], t, args[1], args[2], args[3], drop_condition=drop, ids_keep=keep, pose_map=pose_map)
+        assert ours.abs().mean() > 1e-2
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
