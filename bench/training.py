@@ -9,6 +9,7 @@ in both schedules).
 
     python bench/training.py                       # S/2 at 256x176 (latent 32x22), batch 8; and the synthetic default
     python bench/training.py --batch 32 --steps 5
+    python bench/training.py --only "synthetic default 64x48"
 """
 
 from __future__ import annotations
@@ -123,10 +124,14 @@ def run_one(setting: str, schedule: str, mask: bool, batch: int, steps: int) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+SETTINGS = ("S/2 256x176", "synthetic default 64x48")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", choices=SETTINGS, help="Measure one model only.")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -136,7 +141,7 @@ def main() -> None:
     print(f"# batch {args.batch}, mean of {args.steps} steps after one warm-up step; peak = max RSS (CPU)")
     print("| model | masked pass | public samples/s | ours samples/s | speed-up | public peak MiB | ours peak MiB |")
     print("|---|---|---|---|---|---|---|")
-    for setting in ("S/2 256x176", "synthetic default 64x48"):
+    for setting in [args.only] if args.only else SETTINGS:
         for mask in (True, False):
             public = run_one(setting, "public", mask, args.batch, args.steps)
             ours = run_one(setting, "ours", mask, args.batch, args.steps)
