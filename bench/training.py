@@ -37,9 +37,7 @@ def public_schedule(model):
     ):  # fmt: skip
         from xmdpt.models.xmdpt import gather_tokens
 
-        x = model.embed_latent(sample)
-        if pose_map is not None:
-            x = x + model.pose_embedder(pose_map)
+        x = model.embed_target(sample, pose_map)
         ref = model.embed_latent(reference_latent)
         y = model.embed_condition(pose_features, reference_features, reference_latent, reference_tokens=ref)
         c = model.t_embedder(timestep) + y * (~drop_condition).to(y.dtype).unsqueeze(1)

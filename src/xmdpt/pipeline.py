@@ -97,10 +97,12 @@ class XMDPTPipeline(DiffusionPipeline):
             conditions["pose_map"] = self.denoiser.pose_map(pose_image).to(self.denoiser.dtype)  # (B, 3 f^2, h, w)
         return conditions
 
-    def embed_condition(self, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed_condition(
+        self, conditions: dict[str, torch.Tensor], reference_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The aggregation vector y (B, D) from `encode_conditions`' output."""
         keys = ("pose_features", "reference_features", "reference_latent")
-        return self.denoiser.embed_condition(*(conditions[k] for k in keys))
+        return self.denoiser.embed_condition(*(conditions[k] for k in keys), reference_tokens=reference_tokens)
 
     def _check_inputs(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> None:
         size = self.image_size
@@ -145,12 +147,9 @@ class XMDPTPipeline(DiffusionPipeline):
         B, model = latents.shape[0], self.denoiser
 
         def one_pass(drop: bool) -> torch.Tensor:
-            x = model.embed_latent(latents)
-            if "pose_map" in conditions:
-                x = x + model.pose_embedder(conditions["pose_map"])
+            x = model.embed_target(latents, conditions.get("pose_map"))
             ref = model.embed_latent(conditions["reference_latent"])
-            keys = ("pose_features", "reference_features", "reference_latent")
-            y = model.embed_condition(*(conditions[k] for k in keys), reference_tokens=ref) * (0.0 if drop else 1.0)
+            y = self.embed_condition(conditions, reference_tokens=ref) * (0.0 if drop else 1.0)
             c = model.t_embedder(t.expand(B)) + y
             for i, block in enumerate(model.blocks):
                 if i == model.config.depth - model.config.decode_layers:

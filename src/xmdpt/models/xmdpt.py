@@ -347,14 +347,12 @@ class XMDPT(ModelMixin, ConfigMixin):
         table = torch.from_numpy(sincos_2d(self.config.hidden_size, self.grid_size)).float().unsqueeze(0)
         self.pos_embed.data.copy_(table)
         self.decoder_pos_embed.data.copy_(table)
-        # Patch embedding initialised like a Linear layer (DiT).
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        if self.pose_embedder is not None:
-            w = self.pose_embedder.proj.weight.data
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.zeros_(self.pose_embedder.proj.bias)
+        # Patch embeddings initialised like a Linear layer (DiT).
+        for embedder in (self.x_embedder, self.pose_embedder):
+            if embedder is not None:
+                w = embedder.proj.weight.data
+                nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+                nn.init.zeros_(embedder.proj.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, and the final layer outputs zeros.
@@ -390,6 +388,14 @@ class XMDPT(ModelMixin, ConfigMixin):
     def embed_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Latent (B, C, H, W) -> position-embedded tokens (B, N, D); shared by the noisy target and the reference."""
         return self.x_embedder(latent) + self.pos_embed
+
+    def embed_target(self, sample: torch.Tensor, pose_map: torch.Tensor | None = None) -> torch.Tensor:
+        """The noisy target (B, C, H, W) -> tokens (B, N, D), plus the pose map's tokens for models built with one."""
+        if (pose_map is None) != (self.pose_embedder is None):
+            need = "needs" if self.pose_embedder is not None else "was built without"
+            raise ValueError(f"this model {need} a pose_map (pose_map_channels={self.config.pose_map_channels})")
+        x = self.embed_latent(sample)  # (B, N, D)
+        return x if pose_map is None else x + self.pose_embedder(pose_map)
 
     def pose_map(self, pose_image: torch.Tensor) -> torch.Tensor:
         """The rendered target pose (B, 3, H, W) in [0, 1] -> (B, pose_map_channels, h, w) on the latent grid, by
@@ -473,12 +479,7 @@ class XMDPT(ModelMixin, ConfigMixin):
         B = sample.shape[0]
         if timestep.ndim == 0:
             timestep = timestep.expand(B)
-        x = self.embed_latent(sample)  # (B, N, D)
-        if (pose_map is None) != (self.pose_embedder is None):
-            need = "needs" if self.pose_embedder is not None else "was built without"
-            raise ValueError(f"this model {need} a pose_map (pose_map_channels={self.config.pose_map_channels})")
-        if pose_map is not None:
-            x = x + self.pose_embedder(pose_map)  # (B, N, D)
+        x = self.embed_target(sample, pose_map)  # (B, N, D)
         reference_tokens = None
         if condition is None:
             reference_tokens = self.embed_latent(reference_latent)  # (B, N, D)

@@ -32,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from xmdpt.default_model import write_model_info
+from xmdpt.default_model import DEFAULT_GUIDANCE, write_model_info
 from xmdpt.diffusion import LossDraws, XMDPTLoss, make_train_scheduler
 from xmdpt.errors import InputError
 from xmdpt.pipeline import XMDPTPipeline, make_sampling_scheduler, to_pil
@@ -452,7 +452,8 @@ class Trainer:
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
         self.ema_pipeline().save_pretrained(folder / "pipeline")
         if self.config.data.layout == "synthetic":  # `xmdpt demo --model .../pipeline` finds the held-out people
-            write_model_info(folder / "pipeline", synth_config(self.config), self.config.run.sample_steps, 2.0)
+            info = (synth_config(self.config), self.config.run.sample_steps, DEFAULT_GUIDANCE)  # as `sample_grid`
+            write_model_info(folder / "pipeline", *info)
 
     def prune(self) -> None:
         keep = self.config.run.keep_last
@@ -499,7 +500,6 @@ class Trainer:
                 log.error("the processes hold different weights: %s", sums.tolist())
             if self.images.skipped:
                 log.warning("%d bad samples were skipped", self.images.skipped)
-        acc.wait_for_everyone()
 
     def close(self) -> None:
         """Release the wrapped model before the process group goes: a DDP reducer that outlives its gloo group is
