@@ -41,15 +41,15 @@ class HeldOutPair:
     reference: Image.Image
     target: Image.Image
     target_pose: Pose
-    views: tuple[Image.Image, ...] = ()  # the same person in each of their poses (the reference and target included)
-    target_view: int = 0  # the target's index in `views`
+    views: tuple[Image.Image, ...]  # the same person in each of their poses (the reference and target included)
+    target_view: int  # the target's index in `views`
 
 
 @dataclass(frozen=True)
 class Scores:
     ssim: np.ndarray  # per pair
     psnr: np.ndarray
-    pose_match: np.ndarray | None = None  # per pair: nearest (SSIM) to the target among the person's poses
+    pose_match: np.ndarray  # per pair: nearest (SSIM) to the target among the person's poses
 
 
 @dataclass(frozen=True)
@@ -120,32 +120,21 @@ def _ssim(a: Image.Image, b: Image.Image) -> float:
     )
 
 
-def pose_match(outputs: list[Image.Image], pairs: list[HeldOutPair]) -> np.ndarray:
-    """Per pair: is the output nearer (SSIM) to the person in the target pose than in each of their other poses?"""
-    return np.array(
-        [
-            int(np.argmax([_ssim(out, v) for v in p.views])) == p.target_view
-            for out, p in zip(outputs, pairs, strict=True)
-        ]
-    )
-
-
-def score(outputs: list[Image.Image], truths: list[Image.Image], pairs: list[HeldOutPair] | None = None) -> Scores:
-    """Per-pair SSIM and PSNR of uint8 RGB images; with the `pairs` (and their views), the pose match too."""
+def score(outputs: list[Image.Image], pairs: list[HeldOutPair]) -> Scores:
+    """Per pair: SSIM and PSNR of the uint8 RGB output against the target, and the pose match (is the output
+    nearer, by SSIM, to the person in the target pose than in each of their other poses?)."""
     try:
         from skimage.metrics import peak_signal_noise_ratio
     except ImportError as err:
         raise InputError(f"the demo's scores need scikit-image: pip install 'xmdpt[eval]' ({err})") from None
-    ssim, psnr = [], []
-    for output, truth in zip(outputs, truths, strict=True):
-        ssim.append(_ssim(output, truth))
-        psnr.append(
-            peak_signal_noise_ratio(
-                np.asarray(truth.convert("RGB")), np.asarray(output.convert("RGB")), data_range=255
-            )
-        )
-    matched = pose_match(outputs, pairs) if pairs and all(p.views for p in pairs) else None
-    return Scores(np.array(ssim), np.array(psnr), matched)
+    ssim, psnr, matched = [], [], []
+    for output, pair in zip(outputs, pairs, strict=True):
+        to_views = [_ssim(output, view) for view in pair.views]  # the target's SSIM among them
+        ssim.append(to_views[pair.target_view])
+        matched.append(int(np.argmax(to_views)) == pair.target_view)
+        truth = np.asarray(pair.target.convert("RGB"))
+        psnr.append(peak_signal_noise_ratio(truth, np.asarray(output.convert("RGB")), data_range=255))
+    return Scores(np.array(ssim), np.array(psnr), np.array(matched))
 
 
 def make_grid(pairs: list[HeldOutPair], generated: list[Image.Image]) -> Image.Image:
@@ -191,8 +180,7 @@ def run_demo(
         generator=torch.Generator().manual_seed(seed),
         progress=progress,
     ).images
-    truths = [p.target for p in pairs]
-    model = score(generated, truths, pairs)
-    baseline = score([p.reference for p in pairs], truths, pairs)
+    model = score(generated, pairs)
+    baseline = score([p.reference for p in pairs], pairs)
     grid = make_grid(pairs, generated)
     return DemoResult(pairs, generated, model, baseline, grid, time.perf_counter() - start)
