@@ -23,7 +23,7 @@ from PIL import Image
 
 from xmdpt.data.images import load_image
 from xmdpt.errors import InputError
-from xmdpt.inputs import fit_pose, load_pose_file
+from xmdpt.inputs import fit_pose, is_keypoint_file, load_pose_file
 from xmdpt.pose.keypoints import Pose
 from xmdpt.pose.render import draw_skeleton
 
@@ -96,7 +96,7 @@ class Reposer:
 
     def pose_from_keypoints(self, path: str | Path | None) -> Pose:
         path = self.check_upload(path, "keypoint file")
-        if path.suffix.lower() not in (".json", ".txt"):
+        if not is_keypoint_file(path):
             raise InputError("a keypoint file is our JSON (.json) or a PIDM text file (.txt)")
         try:
             return load_pose_file(path)

@@ -22,14 +22,14 @@ import logging
 import platform
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from xmdpt.data.deepfashion import PidmPairs, deepfashion_csv, market1501
 from xmdpt.data.images import IMAGE_SUFFIXES, find_image
-from xmdpt.default_model import resolve_device
+from xmdpt.default_model import ModelInfo, resolve_device
 from xmdpt.errors import InputError
 from xmdpt.evaluation.fid import (
     FeatureExtractor,
@@ -55,8 +55,6 @@ from xmdpt.pose.keypoints import DEEPFASHION_FRAME, MARKET_FRAME
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("deepfashion", "synthetic", "pidm", "market")
-#: FID labels: the protocol's number and the second, TF-Inception one.
-FID_LABELS = {"fid": "FID (torchvision Inception-v3, the protocol's)", "fid_tf": "FID (TF-Inception)"}
 
 
 @dataclass(frozen=True)
@@ -380,8 +378,9 @@ def _load_model(config: EvalConfig, eval_size, pipe, model_info, accelerator) ->
 def _generate(config: EvalConfig, eval_set: EvalSet, pipe, settings: GenerationSettings, accelerator) -> Generation:
     """Generate this process's share of the test set into OUT/generated."""
     if tuple(pipe.image_size) != settings.image_size:  # the model takes its inputs at its own size
-        root, size = Path(config.data_root), settings.image_size
-        eval_set = open_eval_set(root, config.layout, tuple(pipe.image_size), size, config.limit)
+        # Only the data set's input size changes: the same test list, so the pairs (and their indices) stand.
+        root, model_size, size = Path(config.data_root), tuple(pipe.image_size), settings.image_size
+        eval_set = replace(eval_set, dataset=open_dataset(root, config.layout, "test", model_size, size))
     folder = Path(config.out_dir) / "generated"
     summary = generate_test_set(
         pipe,
@@ -443,8 +442,9 @@ def _generation_settings(
 
     if config.sampler is not None:
         pipe.scheduler = make_sampling_scheduler(config.sampler, pipe.scheduler.config)
-    steps = config.steps if config.steps is not None else getattr(model_info, "num_inference_steps", 50)
-    guidance = config.guidance if config.guidance is not None else getattr(model_info, "guidance_scale", 2.0)
+    info = model_info or ModelInfo()  # an in-memory pipeline has none: the defaults every command uses
+    steps = config.steps if config.steps is not None else info.num_inference_steps
+    guidance = config.guidance if config.guidance is not None else info.guidance_scale
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
     return GenerationSettings(
