@@ -15,7 +15,6 @@ import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -23,12 +22,10 @@ from PIL import Image
 
 from xmdpt.data.images import load_image, to_rgb
 from xmdpt.errors import InputError
-from xmdpt.pose.extract import PoseExtractor, fit_image
+from xmdpt.pose.extract import FITS, Fit, PoseExtractor, fit_image, fit_window
 from xmdpt.pose.keypoints import Pose
 from xmdpt.pose.render import skeleton_tensor
 
-Fit = Literal["crop", "pad", "stretch"]
-FITS = ("crop", "pad", "stretch")
 PathLike = str | os.PathLike
 ImageInput = Image.Image | PathLike | torch.Tensor
 PoseInput = Pose | Image.Image | PathLike | torch.Tensor
@@ -43,24 +40,6 @@ def as_list(items) -> list:
 
 
 # ---- geometry ---------------------------------------------------------------------------------------------------
-def fit_window(height: int, width: int, size: tuple[int, int], fit: Fit) -> tuple[int, int, int, int]:
-    """The window (left, top, window_height, window_width) of a `height` x `width` image that `fit_image` resizes
-    to `size`: inside the image for "crop", around it (white margins) for "pad", the whole image for "stretch"."""
-    out_h, out_w = size
-    if fit == "crop":
-        if width * out_h > height * out_w:  # too wide: cut the sides
-            new_w = round(height * out_w / out_h)
-            return (width - new_w) // 2, 0, height, new_w
-        new_h = round(width * out_h / out_w)
-        return 0, (height - new_h) // 2, new_h, width
-    if fit == "pad":
-        new_w, new_h = max(width, round(height * out_w / out_h)), max(height, round(width * out_h / out_w))
-        return -((new_w - width) // 2), -((new_h - height) // 2), new_h, new_w
-    if fit == "stretch":
-        return 0, 0, height, width
-    raise InputError(f"unknown fit {fit!r}; use {', '.join(FITS)}")
-
-
 def fit_pose(pose: Pose, size: tuple[int, int], fit: Fit = "pad") -> Pose:
     """The keypoints of `pose` in the frame `fit_image(image, size, fit)` makes of its image."""
     if (pose.height, pose.width) == tuple(size):

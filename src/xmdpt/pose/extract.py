@@ -26,6 +26,7 @@ MEDIAPIPE_VERSION = "0.10.21"
 BLAZEPOSE_TO_COCO18 = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
 NECK, RIGHT_SHOULDER, LEFT_SHOULDER = 1, 2, 5
 Fit = Literal["crop", "pad", "stretch"]
+FITS = ("crop", "pad", "stretch")
 
 
 class MissingDependencyError(InputError):
@@ -40,6 +41,24 @@ class Detection:
     scores: tuple[float | None, ...]
 
 
+def fit_window(height: int, width: int, size: tuple[int, int], fit: Fit) -> tuple[int, int, int, int]:
+    """The window (left, top, window_height, window_width) of a `height` x `width` image that `fit_image` resizes
+    to `size`: inside the image for "crop", around it (white margins) for "pad", the whole image for "stretch"."""
+    out_h, out_w = size
+    if fit == "crop":
+        if width * out_h > height * out_w:  # too wide: cut the sides
+            new_w = round(height * out_w / out_h)
+            return (width - new_w) // 2, 0, height, new_w
+        new_h = round(width * out_h / out_w)
+        return 0, (height - new_h) // 2, new_h, width
+    if fit == "pad":
+        new_w, new_h = max(width, round(height * out_w / out_h)), max(height, round(width * out_h / out_w))
+        return -((new_w - width) // 2), -((new_h - height) // 2), new_h, new_w
+    if fit == "stretch":
+        return 0, 0, height, width
+    raise InputError(f"unknown fit {fit!r}; use {', '.join(FITS)}")
+
+
 def fit_image(image: Image.Image, size: tuple[int, int] | None, fit: Fit = "crop") -> Image.Image:
     """Bring a photo into the model's frame `size` = (height, width).
 
@@ -48,23 +67,14 @@ def fit_image(image: Image.Image, size: tuple[int, int] | None, fit: Fit = "crop
     """
     if size is None:
         return image
-    height, width = size
-    w, h = image.size
+    left, top, win_h, win_w = fit_window(image.height, image.width, size, fit)  # `fit_pose` moves keypoints alike
     if fit == "crop":
-        if w * height > h * width:  # too wide
-            new_w = round(h * width / height)
-            image = image.crop(((w - new_w) // 2, 0, (w - new_w) // 2 + new_w, h))
-        else:
-            new_h = round(w * height / width)
-            image = image.crop((0, (h - new_h) // 2, w, (h - new_h) // 2 + new_h))
+        image = image.crop((left, top, left + win_w, top + win_h))
     elif fit == "pad":
-        new_w, new_h = max(w, round(h * width / height)), max(h, round(w * height / width))
-        canvas = Image.new("RGB", (new_w, new_h), (255, 255, 255))
-        canvas.paste(image, ((new_w - w) // 2, (new_h - h) // 2))
+        canvas = Image.new("RGB", (win_w, win_h), (255, 255, 255))
+        canvas.paste(image, (-left, -top))
         image = canvas
-    elif fit != "stretch":
-        raise InputError(f"unknown fit {fit!r}; use crop, pad or stretch")
-    return image.resize((width, height), Image.BICUBIC)
+    return image.resize((size[1], size[0]), Image.BICUBIC)
 
 
 class PoseExtractor:
