@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from xmdpt.data.synthetic import SynthConfig, draw_figure, image_name, in_frame, make_identity, random_pose
+from xmdpt.data.synthetic import (
+    Identity,
+    SynthConfig,
+    held_out_identities,
+    in_frame,
+    make_identity,
+    render_view,
+)
 from xmdpt.errors import InputError
 from xmdpt.pose.keypoints import DEEPFASHION_FRAME, Pose
 from xmdpt.pose.render import draw_skeleton
@@ -62,13 +69,6 @@ class DemoResult:
     seconds: float
 
 
-def held_out_identities(synth: SynthConfig) -> range:
-    """The identity indices of the test split, as `xmdpt.data.synthetic.generate` splits them (the last ones)."""
-    n = synth.num_identities
-    num_test = min(n - 1, max(1, round(n * synth.test_fraction))) if n > 1 else 0
-    return range(n - num_test, n)
-
-
 def choose_pairs(synth: SynthConfig, num_pairs: int, seed: int) -> list[tuple[int, int]]:
     """(identity, reference pose index) of `num_pairs` test-split ring pairs (k -> k + 1), as many distinct
     identities as possible, drawn with `seed`."""
@@ -88,22 +88,24 @@ def choose_pairs(synth: SynthConfig, num_pairs: int, seed: int) -> list[tuple[in
     return [(identity, k) for _, _, identity, k in sorted(ranked)[:num_pairs]]
 
 
-def _view(synth: SynthConfig, index: int, k: int, size: tuple[int, int]) -> tuple[str, Image.Image, Pose]:
+def _view(
+    synth: SynthConfig, identity: Identity, index: int, k: int, size: tuple[int, int]
+) -> tuple[str, Image.Image, Pose]:
     """One synthetic image at the model's `size` with its keypoints, as the data set reads them back."""
-    identity = make_identity(synth.seed, index)
-    pose, front = random_pose(identity, np.random.default_rng([synth.seed, index, k + 1]), synth.size)
-    image = Image.fromarray(draw_figure(identity, pose, front)[0])
+    name, pixels, _, pose = render_view(synth, identity, index, k)
+    image = Image.fromarray(pixels)
     # The set stores keypoints as integers in the 256x176 annotation frame; the model was trained on those.
     stored = Pose.from_gfla(*in_frame(pose).to_gfla(DEEPFASHION_FRAME), DEEPFASHION_FRAME)
     if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.BICUBIC)
-    return image_name(identity, index, k, front), image, stored.resized(*size)
+    return name, image, stored.resized(*size)
 
 
 def held_out_pairs(synth: SynthConfig, num_pairs: int, seed: int, size: tuple[int, int]) -> list[HeldOutPair]:
     pairs = []
     for index, k in choose_pairs(synth, num_pairs, seed):
-        views = [_view(synth, index, j, size) for j in range(max(synth.poses_per_identity, POSE_CANDIDATES))]
+        identity = make_identity(synth.seed, index)
+        views = [_view(synth, identity, index, j, size) for j in range(max(synth.poses_per_identity, POSE_CANDIDATES))]
         t = (k + 1) % synth.poses_per_identity
         (ref_name, reference, _), (tgt_name, target, target_pose) = views[k], views[t]
         images = tuple(v[1] for v in views)

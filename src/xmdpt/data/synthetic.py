@@ -242,6 +242,20 @@ def image_name(identity: Identity, index: int, pose_index: int, front: bool) -> 
     return f"fashion{identity.gender}Synthid{index:08d}{pose_index + 1:02d}_1{'front' if front else 'back'}.png"
 
 
+def held_out_identities(config: SynthConfig) -> range:
+    """The identity indices of the test split: the last `test_fraction` of them (at least 1, never all)."""
+    n = config.num_identities
+    num_test = min(n - 1, max(1, round(n * config.test_fraction))) if n > 1 else 0
+    return range(n - num_test, n)
+
+
+def render_view(config: SynthConfig, identity: Identity, index: int, k: int):
+    """Pose `k` of identity `index`: (file name, image (H, W, 3) uint8, figure mask (H, W) bool, keypoints)."""
+    pose, front = random_pose(identity, np.random.default_rng([config.seed, index, k + 1]), config.size)
+    image, mask = draw_figure(identity, pose, front)
+    return image_name(identity, index, k, front), image, mask, pose
+
+
 def generate(out_dir: str | Path, config: SynthConfig, progress: bool = True) -> dict[str, int]:
     """Write the synthetic set to `out_dir`; return the number of images and pairs per split."""
     if config.num_identities < 1 or config.poses_per_identity < 2:
@@ -250,12 +264,8 @@ def generate(out_dir: str | Path, config: SynthConfig, progress: bool = True) ->
     if height < 16 or width < 8:
         raise InputError(f"image size {height}x{width} is too small to draw a figure (at least 16x8)")
     out = Path(out_dir)
-    num_test = min(config.num_identities - 1, max(1, round(config.num_identities * config.test_fraction)))
-    num_test = num_test if config.num_identities > 1 else 0
-    splits = {
-        "train": range(config.num_identities - num_test),
-        "test": range(config.num_identities - num_test, config.num_identities),
-    }
+    test = held_out_identities(config)
+    splits = {"train": range(test.start), "test": test}
     counts = {}
     for split, identities in splits.items():
         (out / split).mkdir(parents=True, exist_ok=True)
@@ -266,9 +276,7 @@ def generate(out_dir: str | Path, config: SynthConfig, progress: bool = True) ->
             identity = make_identity(config.seed, index)
             names = []
             for k in range(config.poses_per_identity):
-                pose, front = random_pose(identity, np.random.default_rng([config.seed, index, k + 1]), config.size)
-                image, mask = draw_figure(identity, pose, front)
-                name = image_name(identity, index, k, front)
+                name, image, mask, pose = render_view(config, identity, index, k)
                 Image.fromarray(image).save(out / split / name, compress_level=1)
                 if config.masks:
                     Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / name, compress_level=1)
