@@ -23,7 +23,7 @@ from PIL import Image
 
 from xmdpt.data.images import load_image
 from xmdpt.errors import InputError
-from xmdpt.inputs import fit_pose, is_keypoint_file, load_pose_file
+from xmdpt.inputs import PoseReader, fit_pose, is_keypoint_file, load_pose_file
 from xmdpt.pose.keypoints import Pose
 from xmdpt.pose.render import draw_skeleton
 
@@ -64,7 +64,7 @@ class Reposer:
 
     def __post_init__(self) -> None:
         self.poses = gallery_poses()
-        self._extractor = None
+        self._poses = PoseReader()  # opens MediaPipe on the first driving photo and keeps it for the next ones
         self._lock = threading.Lock()  # MediaPipe's graph and the sampler are not for concurrent use
         self.out_dir = Path(tempfile.mkdtemp(prefix="xmdpt-app-"))
 
@@ -86,13 +86,9 @@ class Reposer:
 
     def pose_from_photo(self, path: str | Path | None) -> Pose:
         """Keypoints of the person in an uploaded driving photo."""
-        from xmdpt.pose.extract import PoseExtractor
-
         image = load_image(self.check_upload(path, "driving photo"))
         with self._lock:
-            if self._extractor is None:
-                self._extractor = PoseExtractor()  # opened once: it costs far more than one detection
-            return self._extractor(image, "the driving photo").pose
+            return self._poses.photo(image, "the driving photo")
 
     def pose_from_keypoints(self, path: str | Path | None) -> Pose:
         path = self.check_upload(path, "keypoint file")
