@@ -83,6 +83,14 @@ class XMDPTPipeline(DiffusionPipeline):
         h, w = self.denoiser.config.sample_size
         return h * f, w * f
 
+    def seeded_latents(self, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Initial noise (B, C, h, w) on the CPU, item i drawn from its own generator seeded `seeds[i]`, so a batch
+        gives each item the noise it gets alone. The generators come back advanced past it, for a stochastic sampler
+        to continue each item's stream."""
+        shape = (1, self.denoiser.config.in_channels, *self.denoiser.config.sample_size)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        return torch.cat([torch.randn(shape, generator=g) for g in generators]), generators
+
     @torch.no_grad()
     def encode_conditions(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything that depends only on the reference (B, 3, H, W) in [-1, 1] and the rendered target pose

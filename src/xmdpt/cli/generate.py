@@ -168,11 +168,7 @@ class Runner:
         """Sample one batch; each line's initial noise comes from its own seed, so batching changes nothing."""
         import torch
 
-        denoiser = self.pipe.denoiser
-        shape = (1, denoiser.config.in_channels, *denoiser.config.sample_size)
-        latents = torch.cat(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(self.seed + ln.index)) for ln in lines]
-        )
+        latents, _ = self.pipe.seeded_latents([self.seed + ln.index for ln in lines])
         images = self.pipe(
             torch.cat(references),
             torch.cat(poses),

@@ -190,11 +190,7 @@ def initial_latents(pipe, names: Sequence[str], seed: int) -> tuple[torch.Tensor
     The generators are advanced past the initial noise, so a stochastic sampler's step noise continues each pair's
     own stream (diffusers' `randn_tensor` takes a list of generators, one per batch element).
     """
-    config = pipe.denoiser.config
-    shape = (1, config.in_channels, *config.sample_size)
-    generators = [torch.Generator().manual_seed(pair_seed(seed, name)) for name in names]
-    latents = torch.cat([torch.randn(shape, generator=g) for g in generators])
-    return latents, generators
+    return pipe.seeded_latents([pair_seed(seed, name) for name in names])
 
 
 def generate_test_set(
