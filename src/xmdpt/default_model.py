@@ -63,9 +63,9 @@ def read_model_info(folder: str | Path | None) -> ModelInfo:
     try:
         obj = json.loads(path.read_text())
         synth_keys = {f.name for f in fields(SynthConfig)} & obj.keys()
-        synth = SynthConfig(**{k: obj[k] for k in synth_keys}) if "size" in synth_keys else None
-        if synth is not None:
-            synth = SynthConfig(**{**synth.__dict__, "size": tuple(int(v) for v in synth.size)})
+        synth = None
+        if "size" in synth_keys:
+            synth = SynthConfig(**{k: obj[k] for k in synth_keys} | {"size": tuple(int(v) for v in obj["size"])})
         return ModelInfo(
             synth=synth,
             num_inference_steps=int(obj.get("num_inference_steps", DEFAULT_STEPS)),
