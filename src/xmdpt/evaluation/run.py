@@ -259,6 +259,11 @@ class Scorer:
     def set_name(self) -> str:
         return f"{self.config.layout}-train"
 
+    @property
+    def score_batch_size(self) -> int:
+        """Images per batch of the feature networks: scoring holds no denoiser, so at least 16."""
+        return max(self.config.batch_size, 16)
+
     def load_real_statistics(self, compute: bool) -> None:
         """Real-set statistics per FID label: read (and checked) where a file exists, else computed if `compute`."""
         for label, extractor in self.fid_extractors.items():
@@ -274,7 +279,7 @@ class Scorer:
                 extractor=extractor.to(self.device),
                 cache_path=path,
                 root=self.real_base,
-                batch_size=max(self.config.batch_size, 16),
+                batch_size=self.score_batch_size,
                 num_workers=self.config.workers,
                 progress=self.config.progress,
             )
@@ -288,10 +293,8 @@ class Scorer:
             masks = eval_set.masks()
             if masks is None:
                 raise InputError("colour fidelity needs the figure masks, and this data set has no masks/ folder")
-        batch_size = max(self.config.batch_size, 16)
-        scorer.add_folder(
-            generated_dir, eval_set.targets(), masks=masks, batch_size=batch_size, progress=self.config.progress
-        )
+        targets, batch, progress = eval_set.targets(), self.score_batch_size, self.config.progress
+        scorer.add_folder(generated_dir, targets, masks=masks, batch_size=batch, progress=progress)
         return scorer.result(self.real_stats if self.fid_extractors else None)
 
 
