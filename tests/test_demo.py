@@ -57,6 +57,34 @@ def test_scores_rank_the_truth_first():
     assert not score(others, pairs).pose_match.any()
 
 
+def test_pattern_match_needs_the_pattern_not_a_tint():
+    from dataclasses import replace
+
+    from xmdpt.data.synthetic import make_identity
+    from xmdpt.demo import PATTERNS, _view
+
+    chosen = choose_pairs(SYNTH_CONFIG, 10, seed=0)
+    pairs = held_out_pairs(SYNTH_CONFIG, 10, seed=0, size=SIZE)
+    assert all(len(p.patterns) == len(PATTERNS) ** 2 for p in pairs)
+    assert all(np.array_equal(np.asarray(p.patterns[p.target_pattern]), np.asarray(p.target)) for p in pairs)
+    assert score([p.target for p in pairs], pairs).pattern_match.all()
+    # Phase-free: the target a pixel off on both axes (the pattern's cells shift by a third to all of a cell) matches.
+    shifted = [Image.fromarray(np.roll(np.asarray(p.target), (1, 1), axis=(0, 1))) for p in pairs]
+    assert score(shifted, pairs).pattern_match.all()
+
+    def tint(colours, pattern):  # a patterned garment painted in the mean of its two colours
+        return colours if pattern == "plain" else (tuple((a + b) // 2 for a, b in zip(*colours, strict=True)),) * 2
+
+    tinted, patterned = [], []
+    for (index, _), pair in zip(chosen, pairs, strict=True):
+        who = make_identity(SYNTH_CONFIG.seed, index)
+        flat = replace(who, shirt=tint(who.shirt, who.shirt_pattern), trousers=tint(who.trousers, who.trouser_pattern))
+        tinted.append(_view(SYNTH_CONFIG, flat, index, pair.target_view, SIZE)[1])
+        patterned.append(flat != who)
+    assert sum(patterned) >= 5
+    assert not score(tinted, pairs).pattern_match[np.array(patterned)].any()
+
+
 def test_demo_command_writes_the_grid_and_prints_scores(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(ENV_VAR, str(save_tiny_default(tmp_path / "model", steps=2)))
     out = tmp_path / "grid.png"
@@ -93,3 +121,15 @@ def test_shipped_model_beats_copying_the_reference(monkeypatch):
     assert result.model.psnr.mean() > result.copy_reference.psnr.mean()
     assert result.model.pose_match.mean() >= 0.75  # the figure stands in the target pose, not the reference's
     assert result.seconds < 60
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="no shipped model in xmdpt/assets/default")
+def test_shipped_model_is_small_safetensors_and_loads_in_float32(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    files = [p for p in SHIPPED.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 10**6  # the budget: at most 25 MB
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    pipe, _ = load_pipeline(None, "cpu")
+    tensors = [t for m in pipe.components.values() if isinstance(m, torch.nn.Module) for t in m.state_dict().values()]
+    assert all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())  # stored as float16, run as float32

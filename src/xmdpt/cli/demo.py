@@ -21,7 +21,7 @@ def demo(
     device: Annotated[str | None, typer.Option(help="cpu, cuda...; default: cuda if present.")] = None,
 ) -> None:
     """Re-pose held-out synthetic people; write a grid (reference | target pose | generated | ground truth) and
-    print SSIM, PSNR and the pose match, and those of copying the reference image unchanged."""
+    print SSIM, PSNR and the pose and pattern matches, and those of copying the reference image unchanged."""
     from xmdpt.cli.generate import check_output_path
     from xmdpt.default_model import INFO_FILE, load_pipeline
     from xmdpt.demo import run_demo
@@ -46,6 +46,7 @@ def demo(
     for pair, ssim, psnr in zip(result.pairs, result.model.ssim, result.model.psnr, strict=True):
         typer.echo(f"{ssim:6.3f} {psnr:5.2f} dB  {pair.reference_name} -> {pair.target_name}")
     for name, scores in (("generated", result.model), ("copy the reference (baseline)", result.copy_reference)):
-        match = f"  pose match {int(scores.pose_match.sum())}/{len(scores.pose_match)}"
+        n = len(scores.pose_match)
+        match = f"  pose match {int(scores.pose_match.sum())}/{n}  pattern match {int(scores.pattern_match.sum())}/{n}"
         typer.echo(f"{name:<30} SSIM {scores.ssim.mean():.3f}  PSNR {scores.psnr.mean():.2f} dB{match}")
     typer.echo(f"wrote {out} ({len(result.pairs)} held-out pairs, {result.seconds:.1f} s)")
