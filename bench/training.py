@@ -7,9 +7,9 @@ blocks. Each configuration runs in its own process so that its peak memory (max 
 GPU) is its own. Conditioning features are random tensors of DINOv2's shapes (the encoders are frozen and identical
 in both schedules).
 
-    python bench/training.py                       # S/2 at 256x176 (latent 32x22), batch 8; and the synthetic default
+    python bench/training.py                       # S/2 at 256x176 (latent 32x22), batch 8; the synthetic stages
     python bench/training.py --batch 32 --steps 5
-    python bench/training.py --only "synthetic default 64x48"
+    python bench/training.py --only "synthetic 64x48 stage 2"     # the embedded default's model
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ def public_schedule(model):
         x = model.embed_target(sample, pose_map)
         ref = model.embed_latent(reference_latent)
         y = model.embed_condition(pose_features, reference_features, reference_latent, reference_tokens=ref)
-        c = model.t_embedder(timestep) + y * (~drop_condition).to(y.dtype).unsqueeze(1)
+        keep = (~drop_condition).to(y.dtype)
+        c = model.t_embedder(timestep) + y * keep.unsqueeze(1)
+        memory = model.reference_memory(reference_latent, ref)  # reference attention (ours), None without it
+        gate = None if memory is None else keep.view(-1, 1, 1)
         split = model.config.depth - model.config.decode_layers
         if ids_keep is not None:
             x = gather_tokens(x, ids_keep)
@@ -51,10 +54,11 @@ def public_schedule(model):
                     if ids_keep is not None
                     else x + model.decoder_pos_embed
                 )
-            x = block(x, c, ids_keep if ids_keep is not None and i < split else None)
+            x = block(x, c, ids_keep if ids_keep is not None and i < split else None, memory, gate)
             with torch.no_grad():
                 ref = block(ref, c)  # every block, every pass, as published
-        return model.unpatchify(model.final_layer(x, c))
+        out = model.unpatchify(model.final_layer(x, c))
+        return model.refiner(out, sample, c) if model.config.refine_channels else out
 
     forward.num_tokens = model.num_tokens
     return forward
@@ -67,12 +71,14 @@ def build(setting: str):
         model = xmdpt_from_preset("S/2", sample_size=(32, 22))
         shapes = dict(pose=(257, 768), reference=(257, 1536), latent=(4, 32, 22))
         return model, shapes
-    # The embedded default (configs/synthetic-cpu.yaml): pixel-space 64x48, learned encoders of width 96, pose map.
+    # The embedded default's two stages: pixel-space 64x48, learned encoders of width 96, the pose map (stage 1,
+    # configs/synthetic-cpu.yaml); plus reference attention and the refiner (stage 2, synthetic-cpu-reference.yaml).
     encoder = LearnedImageEncoder(image_size=(64, 48), width=96)
     model = XMDPT(
         sample_size=(16, 12), in_channels=48, hidden_size=192, depth=6, num_heads=6,
         pose_feature_dim=96, pose_num_tokens=encoder.num_tokens,
         reference_feature_dim=96, reference_num_tokens=encoder.num_tokens, pose_map_channels=48,
+        reference_layers=2 if "stage 2" in setting else 0, refine_channels=64 if "stage 2" in setting else 0,
     )  # fmt: skip
     shapes = dict(pose=(encoder.num_tokens, 96), reference=(encoder.num_tokens, 96), latent=(48, 16, 12))
     shapes["pose_map"] = (48, 16, 12)
@@ -122,7 +128,7 @@ def run_one(setting: str, schedule: str, mask: bool, batch: int, steps: int) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-SETTINGS = ("S/2 256x176", "synthetic default 64x48")
+SETTINGS = ("S/2 256x176", "synthetic 64x48 stage 1", "synthetic 64x48 stage 2")
 
 
 def main() -> None:

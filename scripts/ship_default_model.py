@@ -1,11 +1,15 @@
-"""Turn a training checkpoint of `configs/synthetic-cpu.yaml` into the embedded default model.
+"""Turn a training checkpoint of the synthetic CPU configs into the embedded default model.
 
     xmdpt train -c configs/synthetic-cpu.yaml                        # about 90 min on 2 CPU cores
-    python scripts/ship_default_model.py runs/synthetic-cpu/checkpoints/step_00005000
+    python scripts/ship_default_model.py runs/synthetic-cpu/checkpoints/step_00009000 --guidance 1.5 --steps 25
+    # a fine-tuned model (reference attention adds about 7 MB in float32; --dtype float16 keeps it under 25 MB):
+    python scripts/ship_default_model.py runs/synthetic-cpu-reference/checkpoints/step_00004000 \
+        --config configs/synthetic-cpu-reference.yaml --dtype float16
 
 Writes `src/xmdpt/assets/default/`: an `XMDPTPipeline` folder (safetensors) without the training-only side blocks,
-and `xmdpt_default.json` with the synthetic set's settings (the demo regenerates its held-out identities from them)
-and the sampling defaults.
+its weights stored in float32 or (`--dtype float16`, half the size) float16, which loads as float32; and
+`xmdpt_default.json` with the synthetic set's settings (the demo regenerates its held-out identities from them), the
+sampling defaults and where the weights came from.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from xmdpt.default_model import write_model_info
@@ -37,6 +42,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="of the stored weights")
+    parser.add_argument("--config", default="configs/synthetic-cpu.yaml", help="recorded: the config that trained it")
     args = parser.parse_args()
 
     state = json.loads((args.checkpoint / "trainer_state.json").read_text())
@@ -57,8 +64,10 @@ def main() -> None:
     pipe = XMDPTPipeline(denoiser.eval(), codec, pose_encoder.eval(), reference_encoder.eval(), scheduler)
 
     shutil.rmtree(args.out, ignore_errors=True)
-    pipe.save_pretrained(args.out)
-    trained = {"config": "configs/synthetic-cpu.yaml", "step": state["step"], "weights": args.weights}
+    pipe.to(getattr(torch, args.dtype)).save_pretrained(args.out)
+    trained = {"config": args.config, "step": state["step"], "weights": args.weights, "stored_as": args.dtype}
+    if config.model.init_from:
+        trained["init_from"] = config.model.init_from
     write_model_info(args.out, synth_config(config), args.steps, args.guidance, trained=trained)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"wrote {args.out} ({size / 2**20:.1f} MiB, {denoiser.num_parameters():,} denoiser parameters)")

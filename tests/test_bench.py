@@ -20,14 +20,16 @@ def bench():
 
 @pytest.mark.parametrize("schedule", ["ours", "public"])
 def test_training_benchmark_measures_the_synthetic_default(bench, schedule):
-    result = bench.measure("synthetic default 64x48", schedule, mask=True, batch=2, steps=1)
+    result = bench.measure("synthetic 64x48 stage 2", schedule, mask=True, batch=2, steps=1)
     assert result["seconds_per_step"] > 0 and result["peak_mib"] > 0
 
 
-def test_public_schedule_computes_the_same_function(bench):
-    model, shapes = bench.build("synthetic default 64x48")
+@pytest.mark.parametrize("setting", ["synthetic 64x48 stage 1", "synthetic 64x48 stage 2"])
+def test_public_schedule_computes_the_same_function(bench, setting):
+    model, shapes = bench.build(setting)
     randomize(model, std=0.05)  # not the zero-initialised output layer, which any two schedules agree on
     assert model.config.pose_map_channels == 48  # the shipped config's model
+    assert (model.config.reference_layers, model.config.refine_channels) == ((2, 64) if "2" in setting else (0, 0))
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(2, *shapes[k], generator=g) for k in ("latent", "pose", "reference", "latent")]
     pose_map = torch.randn(2, *shapes["pose_map"], generator=g)

@@ -171,3 +171,26 @@ def test_pose_map_model_samples_equal_the_public_schedule_and_follow_the_pose(ti
     c = pipe.denoiser(x, t.expand(2), condition=cond, pose_map=pm)
     u = pipe.denoiser(x, t.expand(2), condition=torch.zeros_like(cond), pose_map=pm)
     torch.testing.assert_close(guided, u + guidance_ramp(3.0, t, 1000, 1.0) * (c - u), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_attention_model_samples_equal_the_public_schedule_and_round_trip(tmp_path):
+    from tiny_pipeline import tiny_pipeline
+
+    pipe = tiny_pipeline(reference_layers=1, pose_map_channels=12)  # 32x24 images, 16x12 latents: factor 2
+    ref, pose = torch.rand(2, 3, 32, 24) * 2 - 1, torch.rand(2, 3, 32, 24)
+    conditions = pipe.encode_conditions(ref, pose)
+    assert conditions["reference_memory"].shape == (2, 48, 32)  # once per image, with the other conditions
+    ours = run(pipe, ref, pose)
+    torch.testing.assert_close(ours, run(pipe, ref, pose, public_schedule=True), rtol=1e-4, atol=1e-5)
+    # Guidance: one batched forward whose unconditional half drops y and the memory, not the pose map.
+    cond = pipe.embed_condition(conditions)
+    x, t = torch.randn(2, 12, 16, 12), torch.tensor(500)
+    extra = dict(pose_map=conditions["pose_map"], reference_memory=conditions["reference_memory"])
+    guided = pipe.guided_prediction(x, t, cond, 3.0, 1.0, **extra)
+    c = pipe.denoiser(x, t.expand(2), condition=cond, **extra)
+    u = pipe.denoiser(x, t.expand(2), condition=cond, drop_condition=torch.ones(2, dtype=torch.bool), **extra)
+    torch.testing.assert_close(guided, u + guidance_ramp(3.0, t, 1000, 1.0) * (c - u), rtol=1e-5, atol=1e-6)
+    pipe.save_pretrained(tmp_path)
+    loaded = XMDPTPipeline.from_pretrained(tmp_path)
+    assert loaded.denoiser.config.reference_layers == 1
+    torch.testing.assert_close(run(loaded, ref, pose), ours, rtol=0, atol=0)

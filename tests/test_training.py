@@ -430,3 +430,40 @@ def test_pose_map_model_trains_and_its_pipeline_feeds_the_pose(synth_root, tmp_p
     a = pipe(ref, pose, num_inference_steps=2, progress=False, output_type="pt", latents=latents).images
     b = pipe(ref, pose + 1, num_inference_steps=2, progress=False, output_type="pt", latents=latents).images
     assert not torch.allclose(a, b)
+
+
+def test_init_from_adds_reference_attention_to_a_trained_model(synth_root, tmp_path, caplog):
+    from conftest import tiny_inputs
+
+    from xmdpt.training.trainer import Trainer
+
+    base = tmp_path / "base"
+    Trainer(load_config(None, overrides(synth_root, base, "optim.max_steps=2"))).train()
+    start = base / "checkpoints" / "step_00000002"
+    saved = XMDPTPipeline.from_pretrained(start / "pipeline")  # the EMA weights
+
+    more = ("model.reference_layers=1", "model.refine_channels=8", f"model.init_from={start}", "optim.max_steps=2")
+    with caplog.at_level("INFO", logger="xmdpt.training.trainer"):
+        trainer = Trainer(load_config(None, overrides(synth_root, tmp_path / "ref", *more)))
+    new = "denoiser.blocks.*.cross_attn, denoiser.reference_blocks, denoiser.reference_norm, denoiser.refiner"
+    assert f"newly initialised: {new}" in caplog.text
+    # Step 0 computes the saved model's function, learned encoders included.
+    x = tiny_inputs(trainer.denoiser, batch=2)
+    torch.testing.assert_close(trainer.denoiser(**x), saved.denoiser(**x), rtol=0, atol=0)
+    for name in ("pose_encoder", "reference_encoder"):
+        for key, value in getattr(saved, name).state_dict().items():
+            torch.testing.assert_close(getattr(trainer, name).state_dict()[key], value, rtol=0, atol=0)
+    proj = trainer.denoiser.blocks[0].cross_attn.proj.weight
+    assert not proj.any()
+    trainer.train()
+    assert proj.abs().sum() > 0  # reference attention trains from there
+    assert trainer.denoiser.refiner.conv_out.weight.abs().sum() > 0  # and so does the refiner
+
+    with pytest.raises(InputError, match="do not fit this model"):
+        Trainer(
+            load_config(
+                None, overrides(synth_root, tmp_path / "a", "model.hidden_size=64", f"model.init_from={start}")
+            )
+        )
+    with pytest.raises(InputError, match="cannot read the weights"):
+        Trainer(load_config(None, overrides(synth_root, tmp_path / "b", f"model.init_from={tmp_path / 'nowhere'}")))

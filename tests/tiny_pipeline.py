@@ -12,7 +12,7 @@ SIZE = (32, 24)  # image (height, width); PixelCodec(2) -> 16x12 latents, 8x6 to
 SYNTH = dict(num_identities=20, poses_per_identity=3, size=list(SIZE), seed=3, test_fraction=0.25)
 
 
-def tiny_pipeline(size: tuple[int, int] = SIZE, sampler: str = "ddim") -> XMDPTPipeline:
+def tiny_pipeline(size: tuple[int, int] = SIZE, sampler: str = "ddim", **model_options) -> XMDPTPipeline:
     height, width = size
     tokens = 1 + -(-height // 8) * -(-width // 8)
     model = tiny_model(
@@ -22,6 +22,7 @@ def tiny_pipeline(size: tuple[int, int] = SIZE, sampler: str = "ddim") -> XMDPTP
         pose_num_tokens=tokens,
         reference_feature_dim=16,
         reference_num_tokens=tokens,
+        **model_options,
     )
     randomize(model, std=0.05).eval()
     torch.manual_seed(1)  # the encoders' initialisation

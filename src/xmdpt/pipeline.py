@@ -7,8 +7,9 @@ DDPM), swappable with `Scheduler.from_config(pipe.scheduler.config)` or `make_sa
 Two wastes of the public code are gone, with identical outputs (tests/test_pipeline.py proves it):
 - the conditional and unconditional passes of classifier-free guidance run as one batched forward;
 - everything that depends only on the reference and the pose (encoder features, the reference latent, the
-  aggregation vector y) is computed once per image instead of once per step, and the reference tokens are no longer
-  pushed through every block at every step (only the training-only masked pass uses them).
+  aggregation vector y, the memory of reference attention) is computed once per image instead of once per step,
+  and the reference tokens are no longer pushed through every block at every step (only the training-only masked
+  pass uses them).
 `public_schedule=True` reproduces the public code's schedule of work, for benchmarks and equivalence tests.
 Turning photos, paths, keypoint files and driving photos into the model's tensors is `xmdpt.inputs`'s job.
 """
@@ -103,6 +104,10 @@ class XMDPTPipeline(DiffusionPipeline):
         )
         if self.denoiser.pose_embedder is not None:
             conditions["pose_map"] = self.denoiser.pose_map(pose_image).to(self.denoiser.dtype)  # (B, 3 f^2, h, w)
+        if self.denoiser.config.reference_layers:
+            conditions["reference_memory"] = self.denoiser.reference_memory(
+                conditions["reference_latent"]
+            )  # (B, N, D)
         return conditions
 
     def embed_condition(
@@ -135,14 +140,23 @@ class XMDPTPipeline(DiffusionPipeline):
         guidance_scale: float,
         power: float,
         pose_map: torch.Tensor | None = None,
+        reference_memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One batched forward for the conditional and unconditional halves (y = 0 is the unconditional model)."""
+        """One batched forward for the conditional and unconditional halves (the unconditional model drops y and
+        the reference memory; the pose map, when there is one, stays)."""
         B = latents.shape[0]
+        extra = dict(pose_map=pose_map, reference_memory=reference_memory)
         if guidance_scale == 1.0:
-            return self.denoiser(latents, t.expand(B), condition=condition, pose_map=pose_map)
-        both = torch.cat([condition, torch.zeros_like(condition)])
-        pose_map = None if pose_map is None else torch.cat([pose_map, pose_map])
-        out = self.denoiser(torch.cat([latents, latents]), t.expand(2 * B), condition=both, pose_map=pose_map)
+            return self.denoiser(latents, t.expand(B), condition=condition, **extra)
+        extra = {k: None if v is None else torch.cat([v, v]) for k, v in extra.items()}
+        drop = torch.arange(2 * B, device=latents.device) >= B  # the second half is unconditional
+        out = self.denoiser(
+            torch.cat([latents, latents]),
+            t.expand(2 * B),
+            condition=condition.repeat(2, 1),
+            drop_condition=drop,
+            **extra,
+        )
         cond, uncond = out.chunk(2)
         T = self.scheduler.config.num_train_timesteps
         return uncond + guidance_ramp(guidance_scale, t, T, power).to(out.dtype) * (cond - uncond)
@@ -158,11 +172,13 @@ class XMDPTPipeline(DiffusionPipeline):
             x = model.embed_target(latents, conditions.get("pose_map"))
             ref = model.embed_latent(conditions["reference_latent"])
             y = self.embed_condition(conditions, reference_tokens=ref) * (0.0 if drop else 1.0)
+            memory = model.reference_memory(conditions["reference_latent"])  # None without reference attention
+            gate = None if memory is None else memory.new_full((B, 1, 1), 0.0 if drop else 1.0)
             c = model.t_embedder(t.expand(B)) + y
             for i, block in enumerate(model.blocks):
                 if i == model.config.depth - model.config.decode_layers:
                     x = x + model.decoder_pos_embed
-                x = block(x, c)
+                x = block(x, c, None, memory, gate)
                 ref = block(ref, c)  # unused at inference, as in the public code
             return model.unpatchify(model.final_layer(x, c))
 
@@ -202,7 +218,13 @@ class XMDPTPipeline(DiffusionPipeline):
                 out = self.public_guided_prediction(model_input, t, conditions, guidance_scale, guidance_power)
             else:
                 out = self.guided_prediction(
-                    model_input, t, condition, guidance_scale, guidance_power, conditions.get("pose_map")
+                    model_input,
+                    t,
+                    condition,
+                    guidance_scale,
+                    guidance_power,
+                    conditions.get("pose_map"),
+                    conditions.get("reference_memory"),
                 )
             latents = self.scheduler.step(self._sampler_input(out, C), t, latents, generator=generator).prev_sample
         return latents

@@ -176,22 +176,25 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Target tokens attend to reference tokens (the side-interpolater's cross-view step), with the same bias."""
+    """Target tokens attend to reference tokens. The side-interpolater's cross-view step adds the relative position
+    bias (`grid_size`); reference attention (`grid_size=None`) has none, since the reference is in another pose and
+    its own positions are already in its tokens."""
 
-    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int]):
+    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int] | None):
         super().__init__()
         self.num_heads = num_heads
         self.to_q = nn.Linear(hidden_size, hidden_size, bias=True)
         self.to_kv = nn.Linear(hidden_size, 2 * hidden_size, bias=True)
         self.proj = nn.Linear(hidden_size, hidden_size)
-        self.rel_pos_bias = RelativePositionBias(grid_size, num_heads)
+        self.rel_pos_bias = RelativePositionBias(grid_size, num_heads) if grid_size is not None else None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         h = self.num_heads
         q = self.to_q(x).reshape(B, N, h, D // h).transpose(1, 2)  # (B, h, N, d)
         k, v = self.to_kv(context).reshape(B, context.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos_bias().to(q.dtype))
+        bias = self.rel_pos_bias().to(q.dtype) if self.rel_pos_bias is not None else None
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -213,20 +216,63 @@ class Mlp(nn.Module):
 #################################################################################
 
 
-class XMDPTBlock(nn.Module):
-    """DiT block with adaLN-Zero conditioning; attention optionally on a subset of tokens (kept indices)."""
+class ReferenceBlock(nn.Module):
+    """A plain pre-norm ViT block over the reference tokens (reference attention's memory encoder): it sees neither
+    the timestep nor the target, so a sampler runs it once per image."""
 
     def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int], mlp_ratio: float = 4.0):
         super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, grid_size)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))  # (B, N, D)
+
+
+class XMDPTBlock(nn.Module):
+    """DiT block with adaLN-Zero conditioning; attention optionally on a subset of tokens (kept indices).
+
+    With `cross_attention` (reference attention, beyond the paper) a cross-attention to the reference memory sits
+    between self-attention and MLP, as in PixArt-alpha's blocks. Its output projection starts at zero, so such a
+    block computes exactly the plain block's function until it trains (a plain model's weights fine-tune from there).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        grid_size: tuple[int, int],
+        mlp_ratio: float = 4.0,
+        cross_attention: bool = False,
+    ):
+        super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, grid_size)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, num_heads, None)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        ids_keep: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """memory: (B, M, D) reference tokens for blocks built with cross_attention; memory_gate: (B, 1, 1), 0 where
+        the condition is dropped (the unconditional model of guidance sees no reference)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
+        if memory is not None:
+            cross = self.cross_attn(self.norm_cross(x), memory)  # (B, N or K, D)
+            x = x + (cross if memory_gate is None else memory_gate * cross)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x  # (B, N or K, D)
 
@@ -247,6 +293,28 @@ class XMDPTCrossBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), context)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x  # (B, N, D)
+
+
+class Refiner(nn.Module):
+    """A small convolutional head on the latent grid (beyond the paper): from the unpatchified prediction and the
+    noisy input x_t, two 3x3 convolutions, the first modulated by c (FiLM: the timestep says how far to trust x_t),
+    add a correction to the prediction channels. Patch tokens of 8x8 pixels blur what a convolution sees directly
+    (U-ViT ends in a 3x3 convolution for the same reason). The last convolution starts at zero: identity at first."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_size: int, channels: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.conv_in = nn.Conv2d(out_channels + in_channels, channels, 3, padding=1)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * channels))
+        self.conv_out = nn.Conv2d(channels, in_channels, 3, padding=1)
+
+    def forward(self, prediction: torch.Tensor, sample: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(torch.cat([prediction, sample], dim=1))  # (B, channels, H, W)
+        shift, scale = self.modulation(c)[..., None, None].chunk(2, dim=1)
+        h = F.silu(h * (1 + scale) + shift)
+        C = self.in_channels
+        refined = prediction[:, :C] + self.conv_out(h)  # (B, C, H, W)
+        return torch.cat([refined, prediction[:, C:]], dim=1)  # the variance channels pass unchanged
 
 
 class FinalLayer(nn.Module):
@@ -275,6 +343,12 @@ class XMDPT(ModelMixin, ConfigMixin):
     the reference image's global features and its local latent tokens, each reduced to one vector, summed and
     projected. `forward` accepts y precomputed (`condition=`) so that a sampler computes it once per image.
     Passing `ids_keep` runs the training-only masked pass (mask cross-prediction, paper Sec. 3.3).
+
+    Two additions beyond the paper, both off by default (then the model is the paper's, and public checkpoints load):
+    `pose_map_channels` adds the rendered target pose to the noisy tokens; `reference_layers` > 0 encodes the
+    reference latent's tokens with that many plain ViT blocks into a memory that every block cross-attends to
+    ("reference attention"), so that fine detail such as a garment's pattern need not pass through the one vector y;
+    `refine_channels` > 0 ends the model in a small convolutional head that sees x_t (`Refiner`).
     """
 
     _supports_gradient_checkpointing = False
@@ -297,6 +371,8 @@ class XMDPT(ModelMixin, ConfigMixin):
         reference_feature_dim: int = 1536,
         reference_num_tokens: int = 257,
         pose_map_channels: int = 0,
+        reference_layers: int = 0,
+        refine_channels: int = 0,
     ):
         super().__init__()
         latent_h, latent_w = sample_size
@@ -304,6 +380,10 @@ class XMDPT(ModelMixin, ConfigMixin):
             raise ValueError(f"latent size {latent_h}x{latent_w} is not divisible by the patch size {patch_size}")
         if pose_map_channels % 3:
             raise ValueError(f"pose_map_channels={pose_map_channels} must be 3 x (image size / latent size)^2")
+        if refine_channels < 0:
+            raise ValueError(f"refine_channels={refine_channels} must be >= 0 (0: no refiner)")
+        if reference_layers < 0:
+            raise ValueError(f"reference_layers={reference_layers} must be >= 0 (0: no reference attention)")
         if not 1 <= decode_layers <= depth:
             raise ValueError(f"decode_layers={decode_layers} must lie in [1, depth={depth}]")
         self.grid_size = (latent_h // patch_size, latent_w // patch_size)
@@ -318,12 +398,20 @@ class XMDPT(ModelMixin, ConfigMixin):
         self.t_embedder = TimestepEmbedder(D)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D))
-        self.blocks = nn.ModuleList([XMDPTBlock(D, num_heads, grid, mlp_ratio) for _ in range(depth)])
+        cross = reference_layers > 0
+        self.blocks = nn.ModuleList([XMDPTBlock(D, num_heads, grid, mlp_ratio, cross) for _ in range(depth)])
+        if cross:  # reference attention's memory encoder (beyond the paper)
+            self.reference_blocks = nn.ModuleList(
+                [ReferenceBlock(D, num_heads, grid, mlp_ratio) for _ in range(reference_layers)]
+            )
+            self.reference_norm = nn.LayerNorm(D, eps=1e-6)
         if side_interpolater:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
             self.sideblocks = nn.ModuleList([XMDPTBlock(D, num_heads, grid, mlp_ratio)])
             self.sideblocks_cross = nn.ModuleList([XMDPTCrossBlock(D, num_heads, grid, mlp_ratio)])
         self.final_layer = FinalLayer(D, patch_size, self.out_channels)
+        if refine_channels:  # beyond the paper: a convolutional head that sees x_t (see Refiner)
+            self.refiner = Refiner(in_channels, self.out_channels, D, refine_channels)
 
         # Aggregation network (paper Sec. 3.2): pose (v_P), global (v_G) and local (v_L) branches -> y.
         self.mlp_dino_pose = feature_projection(pose_feature_dim, D)
@@ -363,6 +451,15 @@ class XMDPT(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.config.refine_channels:  # the refiner starts as the identity on the prediction
+            nn.init.zeros_(self.refiner.conv_out.weight)
+            nn.init.zeros_(self.refiner.conv_out.bias)
+            nn.init.zeros_(self.refiner.modulation[-1].weight)
+            nn.init.zeros_(self.refiner.modulation[-1].bias)
+        # Reference attention starts switched off (zero output projection), like adaLN-Zero's gates.
+        for block in self.blocks if self.config.reference_layers else []:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
         if self.config.side_interpolater:
             nn.init.normal_(self.mask_token, std=0.02)
         for layer in (self.mlp_dino_pose, self.mlp_dino_img, self.mlp_final):
@@ -434,6 +531,18 @@ class XMDPT(ModelMixin, ConfigMixin):
         # squeeze(1), not squeeze(): the public code's squeeze() breaks batch size 1.
         return self.mlp_final((v_pose + v_global + v_local).squeeze(1))  # (B, D)
 
+    def reference_memory(
+        self, reference_latent: torch.Tensor, reference_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Reference attention's memory (B, N, D): the reference tokens through the reference blocks. Depends only on
+        the reference, so samplers compute it once per image. None for models without reference attention."""
+        if not self.config.reference_layers:
+            return None
+        x = self.embed_latent(reference_latent) if reference_tokens is None else reference_tokens  # (B, N, D)
+        for block in self.reference_blocks:
+            x = block(x)
+        return self.reference_norm(x)  # (B, N, D)
+
     def side_interpolate(
         self, x: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor, context: torch.Tensor
     ) -> torch.Tensor:
@@ -465,6 +574,7 @@ class XMDPT(ModelMixin, ConfigMixin):
         drop_condition: torch.Tensor | None = None,
         ids_keep: torch.Tensor | None = None,
         pose_map: torch.Tensor | None = None,
+        reference_memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict (B, out_channels, H, W) from the noisy latent `sample` (B, C, H, W) at `timestep` (B,).
 
@@ -475,6 +585,8 @@ class XMDPT(ModelMixin, ConfigMixin):
             `reference_latent` for the side-interpolater's cross-attention.
         pose_map: (B, pose_map_channels, H, W) from `pose_map`, for models built with pose_map_channels > 0. It is
             not dropped with y: the unconditional model of guidance still sees the pose, as in PIDM.
+        reference_memory: (B, N, D) from `reference_memory`, for models built with reference_layers > 0; computed
+            from `reference_latent` when not given. Dropped with y (the unconditional model sees no reference).
         """
         B = sample.shape[0]
         if timestep.ndim == 0:
@@ -484,8 +596,19 @@ class XMDPT(ModelMixin, ConfigMixin):
         if condition is None:
             reference_tokens = self.embed_latent(reference_latent)  # (B, N, D)
             condition = self.embed_condition(pose_features, reference_features, reference_latent, reference_tokens)
+        memory, memory_gate = None, None
+        if reference_memory is not None and not self.config.reference_layers:
+            raise ValueError("this model was built without reference attention (reference_layers=0)")
+        if self.config.reference_layers:
+            if reference_memory is None and reference_latent is None:
+                raise ValueError("this model has reference attention: give reference_memory or reference_latent")
+            memory = reference_memory
+            if memory is None:
+                memory = self.reference_memory(reference_latent, reference_tokens)  # (B, N, D)
         if drop_condition is not None:
-            condition = condition * (~drop_condition).to(condition.dtype).unsqueeze(1)
+            keep = (~drop_condition).to(condition.dtype)  # (B,)
+            condition = condition * keep.unsqueeze(1)
+            memory_gate = keep.view(-1, 1, 1) if memory is not None else None
         c = self.t_embedder(timestep) + condition  # (B, D)
 
         split = self.config.depth - self.config.decode_layers
@@ -498,9 +621,9 @@ class XMDPT(ModelMixin, ConfigMixin):
         for i, block in enumerate(self.blocks):
             if i == split:
                 x = self.side_interpolate(x, c, ids_keep, context) if masked else x + self.decoder_pos_embed
-            x = block(x, c, ids_keep if masked and i < split else None)  # (B, K or N, D)
-        x = self.final_layer(x, c)  # (B, N, p * p * C_out)
-        return self.unpatchify(x)  # (B, C_out, H, W)
+            x = block(x, c, ids_keep if masked and i < split else None, memory, memory_gate)  # (B, K or N, D)
+        x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
+        return self.refiner(x, sample, c) if self.config.refine_channels else x  # (B, C_out, H, W)
 
     @torch.no_grad()
     def reference_context(

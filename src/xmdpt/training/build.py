@@ -67,6 +67,8 @@ def build_denoiser(config: TrainConfig, codec: nn.Module, pose_encoder: nn.Modul
         reference_feature_dim=reference_encoder.feature_dim,
         reference_num_tokens=reference_encoder.num_tokens,
         pose_map_channels=3 * f * f if m.pose_map else 0,
+        reference_layers=m.reference_layers,
+        refine_channels=m.refine_channels,
         **sizes,
     )
 

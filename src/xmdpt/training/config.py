@@ -27,6 +27,12 @@ class ModelConfig:
     learn_sigma: bool = True
     decode_layers: int = 2  # blocks after the side-interpolater (paper: 2)
     pose_map: bool = False  # beyond the paper: also add the rendered target pose to the noisy tokens (see XMDPT)
+    # beyond the paper: blocks of the reference memory encoder that every block cross-attends to; 0 = off (see XMDPT)
+    reference_layers: int = 0
+    refine_channels: int = 0  # beyond the paper: width of a convolutional head that sees x_t; 0 = off (see XMDPT)
+    # a checkpoint folder (runs/.../checkpoints/step_XXXXXXXX) whose EMA weights start this run. Modules it lacks
+    # (say, reference attention added to a trained model) keep their initialisation; --resume takes precedence.
+    init_from: Optional[str] = None  # noqa: UP045
 
 
 @dataclass
@@ -158,5 +164,9 @@ def validate(config: TrainConfig) -> None:
         raise InputError(f"optim.batch_size={o.batch_size} must be a positive multiple of grad_accum={o.grad_accum}")
     if len(config.data.size) != 2 or min(config.data.size) < 8:
         raise InputError(f"data.size={config.data.size} must be [height, width]")
+    if config.model.refine_channels < 0:
+        raise InputError(f"model.refine_channels={config.model.refine_channels} must be >= 0 (0: off)")
+    if config.model.reference_layers < 0:
+        raise InputError(f"model.reference_layers={config.model.reference_layers} must be >= 0 (0: off)")
     if not 0 <= config.objective.mask_ratio < 1:
         raise InputError(f"objective.mask_ratio={config.objective.mask_ratio} must lie in [0, 1)")

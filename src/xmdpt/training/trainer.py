@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -184,6 +186,8 @@ class Trainer:
         self.step_module = TrainStep(self.denoiser, self.pose_encoder, self.reference_encoder, self.objective)
         for encoder in self.step_module.frozen.values():
             encoder.to(acc.device)
+        if config.model.init_from and not (resume and (self.ckpt_dir / "latest").is_file()):
+            self.initialise_from(Path(config.model.init_from))
         self.ema = AveragedModel(self.step_module.trainable, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay))
         self.optimizer = torch.optim.AdamW(
             self.step_module.trainable.parameters(), lr=o.lr, weight_decay=o.weight_decay
@@ -480,6 +484,26 @@ class Trainer:
         self.last_checkpoint = folder
         log.info("resumed from %s at step %d", folder, self.step)
 
+    def initialise_from(self, folder: Path) -> None:
+        """Load a checkpoint's EMA weights into the trainable modules (before the EMA copies them). Every saved
+        tensor must fit; modules the checkpoint lacks keep their initialisation, which for reference attention
+        computes the saved model's function exactly (see XMDPTBlock)."""
+        path = folder / "ema.safetensors"
+        try:
+            saved = load_file(path)
+        except (OSError, SafetensorError) as err:
+            raise InputError(f"{path}: cannot read the weights to start from ({str(err).splitlines()[0]})") from None
+        state = {k.removeprefix("module."): v for k, v in saved.items() if k.startswith("module.")}
+        trainable = self.step_module.trainable
+        own = trainable.state_dict()
+        misfits = [k for k in state if k not in own or own[k].shape != state[k].shape]
+        if misfits or not state:
+            first = misfits[0] if misfits else "no weights"
+            raise InputError(f"{folder}: its weights do not fit this model ({first}; {len(misfits)} tensors)")
+        missing = trainable.load_state_dict(state, strict=False).missing_keys
+        new = sorted({new_module(k, state) for k in missing})
+        log.info("started from %s; newly initialised: %s", folder, ", ".join(new) or "nothing")
+
     def finish(self) -> None:
         """Check that every process holds the same weights, and write the run summary."""
         acc = self.accelerator
@@ -544,6 +568,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def contiguous(state: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def new_module(key: str, saved: dict) -> str:
+    """The outermost module of `key` that `saved` has no tensor under, with block indices folded to `*`:
+    "denoiser.blocks.*.cross_attn" for "denoiser.blocks.3.cross_attn.proj.weight"."""
+    fold = lambda k: re.sub(r"\.\d+(?=\.)", ".*", k).split(".")  # noqa: E731
+    known = {".".join(parts[:i]) for parts in map(fold, saved) for i in range(1, len(parts))}
+    parts = fold(key)
+    return next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in known), key)
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
