@@ -501,7 +501,7 @@ class Trainer:
             first = misfits[0] if misfits else "no weights"
             raise InputError(f"{folder}: its weights do not fit this model ({first}; {len(misfits)} tensors)")
         missing = trainable.load_state_dict(state, strict=False).missing_keys
-        new = sorted({new_module(k, state) for k in missing})
+        new = new_modules(missing, state)
         log.info("started from %s; newly initialised: %s", folder, ", ".join(new) or "nothing")
 
     def finish(self) -> None:
@@ -570,13 +570,16 @@ def contiguous(state: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def new_module(key: str, saved: dict) -> str:
-    """The outermost module of `key` that `saved` has no tensor under, with block indices folded to `*`:
-    "denoiser.blocks.*.cross_attn" for "denoiser.blocks.3.cross_attn.proj.weight"."""
+def new_modules(missing: list[str], saved: dict) -> list[str]:
+    """For each key in `missing`, the outermost module that `saved` has no tensor under, block indices folded to
+    `*` ("denoiser.blocks.*.cross_attn" for "denoiser.blocks.3.cross_attn.proj.weight"); sorted, without repeats."""
     fold = lambda k: re.sub(r"\.\d+(?=\.)", ".*", k).split(".")  # noqa: E731
-    known = {".".join(parts[:i]) for parts in map(fold, saved) for i in range(1, len(parts))}
-    parts = fold(key)
-    return next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in known), key)
+    known = {".".join(parts[:i]) for parts in map(fold, saved) for i in range(1, len(parts))}  # once, not per key
+    heads = set()
+    for key in missing:
+        parts = fold(key)
+        heads.add(next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in known), key))
+    return sorted(heads)
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
