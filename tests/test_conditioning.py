@@ -36,6 +36,37 @@ def test_dinov2_input_transforms_differ_and_unit_is_the_pose_quirk(tiny_hub):
     assert not torch.allclose(out["unit"], out["signed"]) and not torch.allclose(out["signed"], out["imagenet"])
 
 
+def test_dinov2_position_table_is_resampled_as_the_hub_model_does(tiny_hub, tmp_path):
+    # The tiny DINOv2 has a 2x2 table (28 px, patch 14); at 42 px the input has 3x3 patches, as 224 px has 16x16
+    # against the hub models' 37x37.
+    encoder = DinoV2Encoder.from_dinov2(tiny_hub / "dinov2", image_size=42, input_transform="unit")
+    dino = Dinov2Model.from_pretrained(tiny_hub / "dinov2").eval()
+    table = dino.embeddings.position_embeddings  # (1, 5, 32)
+    grid = table[:, 1:].reshape(1, 2, 2, 32).permute(0, 3, 1, 2)
+
+    def resampled(**how):
+        out = F.interpolate(grid, mode="bicubic", align_corners=False, **how)
+        return torch.cat([table[:, :1], out.permute(0, 2, 3, 1).reshape(1, 9, 32)], dim=1)
+
+    hub, exact = resampled(scale_factor=(3.1 / 2, 3.1 / 2)), resampled(size=(3, 3))
+    assert not torch.allclose(hub, exact)  # the two conventions differ, so the test can tell them apart
+    torch.testing.assert_close(encoder.dino.embeddings.position_embeddings, hub)
+    # The forward uses that table: it equals transformers' model with the hub table put in by hand, not the
+    # transformers model resampling its own table.
+    images = torch.rand(2, 3, 42, 42)
+    plain = dino(pixel_values=images).last_hidden_state
+    dino.embeddings.position_embeddings = torch.nn.Parameter(hub)
+    dino.config.image_size = 42
+    torch.testing.assert_close(encoder(images), dino(pixel_values=images).last_hidden_state)
+    assert not torch.allclose(encoder(images), plain)
+    # ... and survives save_pretrained (the config records the resampled table's size).
+    encoder.save_pretrained(tmp_path)
+    torch.testing.assert_close(DinoV2Encoder.from_pretrained(tmp_path)(images), encoder(images))
+    # At the table's own size nothing is resampled.
+    same = DinoV2Encoder.from_dinov2(tiny_hub / "dinov2", image_size=28, input_transform="unit")
+    torch.testing.assert_close(same.dino.embeddings.position_embeddings, table)
+
+
 def test_dinov2_encoder_is_frozen_and_round_trips(tiny_hub, tmp_path):
     encoder = DinoV2Encoder.from_dinov2(tiny_hub / "dinov2", image_size=28, input_transform="unit")
     encoder.train()

@@ -53,7 +53,7 @@ def test_variational_bound_at_t0_is_the_decoder_nll():
     assert kl.item() == pytest.approx(0.5)
 
 
-def test_loss_is_full_pass_plus_masked_pass_on_the_same_x_t():
+def test_loss_is_full_pass_plus_masked_pass_at_the_same_t_with_their_own_noise():
     model = randomize(tiny_model())
     x = tiny_inputs(model, batch=2)
     objective = XMDPTLoss(mask_ratio=0.3, condition_dropout=0.5)
@@ -65,8 +65,10 @@ def test_loss_is_full_pass_plus_masked_pass_on_the_same_x_t():
     t = draws.timesteps
     x_t = objective.scheduler.add_noise(x["sample"], draws.noise, t)
     full = objective.pass_loss(model(x_t, t, *conds, drop_condition=draws.drop_full), x["sample"], draws.noise, x_t, t)
-    masked_out = model(x_t, t, *conds, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep)
-    masked = objective.pass_loss(masked_out, x["sample"], draws.noise, x_t, t)
+    assert not torch.equal(draws.noise_masked, draws.noise)  # each pass draws its own noise, as published
+    x_t_masked = objective.scheduler.add_noise(x["sample"], draws.noise_masked, t)
+    masked_out = model(x_t_masked, t, *conds, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep)
+    masked = objective.pass_loss(masked_out, x["sample"], draws.noise_masked, x_t_masked, t)
     torch.testing.assert_close(out.full, full.detach())
     torch.testing.assert_close(out.masked, masked.detach())
     torch.testing.assert_close(out.loss, full.mean() + masked.mean())
@@ -75,6 +77,7 @@ def test_loss_is_full_pass_plus_masked_pass_on_the_same_x_t():
     again = objective.draw(tuple(x["sample"].shape), model.num_tokens, torch.Generator().manual_seed(5))
     assert torch.equal(again.noise, draws.noise) and torch.equal(again.ids_keep, draws.ids_keep)
     assert torch.equal(draws[1:].noise, draws.noise[1:]) and draws[1:].timesteps.shape == (1,)
+    assert torch.equal(draws[1:].noise_masked, draws.noise_masked[1:])
 
 
 def test_mask_ratio_zero_trains_the_full_pass_only():

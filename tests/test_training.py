@@ -111,6 +111,7 @@ def test_published_recipe_is_the_default():
         ("run.on_nan=retry", "on_nan"),
         ("optim.batch_size=6", "multiple"),
         ("lr", "section.field=value"),
+        ("model.preset=XMDPT-Q/2", "model.preset='XMDPT-Q/2': choose one of"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(override, message, capsys):
@@ -375,6 +376,14 @@ def test_published_setup_trains_with_frozen_dinov2_and_vae(synth_root, tmp_path,
     trainer = Trainer(config)
     assert set(trainer.step_module.trainable) == {"denoiser"}  # frozen encoders stay outside DDP's module
     assert trainer.denoiser.config.sample_size == [8, 6] and trainer.denoiser.config.pose_num_tokens == 257
+    # The reference latent is a posterior sample, as the public loop encodes it (sampling uses the mean).
+    batch, seen = next(iter(trainer.loader())), {}
+    trainer.step_module.forward = lambda target, reference, *rest: seen.update(reference=reference) or (None,) * 3
+    trainer.forward(batch, None, torch.Generator().manual_seed(0))
+    del trainer.step_module.forward
+    mean = trainer.codec.encode(batch["reference_image"])
+    assert seen["reference"].shape == mean.shape and not torch.allclose(seen["reference"], mean)
+    assert (seen["reference"] - mean).abs().max() < 1.0  # a sample near the mean, not something else
     result = trainer.train()
     assert result.step == 2
     pipe = XMDPTPipeline.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000002" / "pipeline")
@@ -408,6 +417,11 @@ def test_feature_cache_serves_the_frozen_outputs_and_trains(synth_root, tmp_path
         latent = trainer.codec.encode(image[None])[0]
     torch.testing.assert_close(entry["pose_features"], expected, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(entry["mean"], latent, rtol=1e-2, atol=1e-2)
+    item = trainer.dataset[0]  # the reference's posterior std travels too, so that its latent is sampled per step
+    assert (
+        item["reference_latent_std"].shape == item["reference_latent"].shape
+        and item["reference_latent_std"].gt(0).all()
+    )
     assert trainer.train().step == 2
     with pytest.raises(InputError, match="data.scale=0"):
         Trainer(load_config(None, [*settings, "data.scale=0.05"]))

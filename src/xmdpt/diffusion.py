@@ -76,11 +76,12 @@ class LossDraws:
     """The random draws of one training step, per sample: drawn for a global batch and sliced per process, so that
     a multi-process run sees exactly the randomness of a single-process run on the same global batch."""
 
-    timesteps: torch.Tensor  # (B,) int64
-    noise: torch.Tensor  # (B, C, H, W)
+    timesteps: torch.Tensor  # (B,) int64, shared by both passes
+    noise: torch.Tensor  # (B, C, H, W) of the full pass
     drop_full: torch.Tensor  # (B,) bool: condition dropped in the full pass
     drop_masked: torch.Tensor  # (B,) bool: ... in the masked pass
     ids_keep: torch.Tensor | None  # (B, K) kept tokens of the masked pass
+    noise_masked: torch.Tensor | None = None  # (B, C, H, W) of the masked pass: its own draw, as published
 
     def __getitem__(self, index: slice) -> LossDraws:
         return LossDraws(
@@ -89,6 +90,7 @@ class LossDraws:
             self.drop_full[index],
             self.drop_masked[index],
             None if self.ids_keep is None else self.ids_keep[index],
+            None if self.noise_masked is None else self.noise_masked[index],
         )
 
     def to(self, device) -> LossDraws:
@@ -187,16 +189,21 @@ class XMDPTLoss:
     def draw(
         self, latent_shape: tuple[int, ...], num_tokens: int, generator: torch.Generator | None = None
     ) -> LossDraws:
-        """Timesteps (uniform), noise, the condition dropout of each pass and the mask of the masked pass."""
+        """Timesteps (uniform, one per sample for both passes), the noise and the condition dropout of each pass and
+        the mask of the masked pass. The public loop (MDT's `forward_backward`) calls `training_losses` twice with
+        the same t, and each call draws its own noise."""
         B = latent_shape[0]
         T = self.scheduler.config.num_train_timesteps
-        return LossDraws(
+        masked = self.mask_ratio > 0
+        draws = LossDraws(
             timesteps=torch.randint(0, T, (B,), generator=generator),
             noise=torch.randn(latent_shape, generator=generator),
             drop_full=torch.rand(B, generator=generator) < self.condition_dropout,
             drop_masked=torch.rand(B, generator=generator) < self.condition_dropout,
-            ids_keep=random_masking(B, num_tokens, self.mask_ratio, generator) if self.mask_ratio > 0 else None,
+            ids_keep=random_masking(B, num_tokens, self.mask_ratio, generator) if masked else None,
         )
+        draws.noise_masked = torch.randn(latent_shape, generator=generator) if masked else None
+        return draws
 
     def __call__(
         self,
@@ -211,7 +218,7 @@ class XMDPTLoss:
     ) -> LossOutput:
         """One training loss on clean target latents (B, C, H, W) and their conditions.
 
-        Both passes see the same x_t and t; the condition dropout is drawn for each pass, as published. `draws`
+        Both passes see the same t; the noise and the condition dropout are drawn for each pass, as published. `draws`
         (from `draw`) fixes the randomness; otherwise it is drawn from `generator`. `pose_map` goes to models built
         with pose_map_channels > 0.
         """
@@ -226,6 +233,8 @@ class XMDPTLoss:
         full = self.pass_loss(output, latents, noise, x_t, t)
         masked = None
         if draws.ids_keep is not None:
+            noise = noise if draws.noise_masked is None else draws.noise_masked.to(latents.dtype)
+            x_t = self.scheduler.add_noise(latents, noise, t)
             output = model(
                 x_t, t, *conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep, pose_map=pose_map
             )

@@ -10,6 +10,7 @@ One small interface: a `ModelMixin` whose `forward(images)` takes (B, 3, H, W) i
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -40,6 +41,25 @@ def transform_input(images: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown input transform {mode!r}; choose one of {INPUT_TRANSFORMS}")
 
 
+DINO_IMAGE_SIZE = 224
+
+
+def hub_position_table(table: torch.Tensor, grid: int, offset: float = 0.1) -> torch.Tensor:
+    """DINOv2's position table (1, 1 + M * M, D) resampled to a `grid` x `grid` patch grid the way the torch.hub
+    model does it (facebookresearch/dinov2 `interpolate_pos_encoding`): bicubic with the scale factor
+    (grid + 0.1) / M and no antialiasing. transformers resamples to the exact size instead, which maps coordinates
+    differently (about 3 % apart at 37 -> 16): features meant for checkpoints trained on the hub model need this."""
+    cls_pos, patches = table[:, :1], table[:, 1:]
+    M, dim = math.isqrt(patches.shape[1]), table.shape[-1]
+    patches = patches.reshape(1, M, M, dim).permute(0, 3, 1, 2).float()  # (1, D, M, M)
+    scale = (grid + offset) / M
+    patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    if patches.shape[-2:] != (grid, grid):
+        raise ValueError(f"cannot resample a {M}x{M} position table to {grid}x{grid}")
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(table.dtype)  # (1, grid * grid, D)
+    return torch.cat([cls_pos, patches], dim=1)
+
+
 class DinoV2Encoder(ModelMixin, ConfigMixin):
     """Frozen DINOv2 (transformers `Dinov2Model`): (B, 3, H, W) in [0, 1] -> (B, 1 + patches, width).
 
@@ -51,7 +71,7 @@ class DinoV2Encoder(ModelMixin, ConfigMixin):
     def __init__(
         self,
         dinov2_config: dict | None = None,
-        image_size: int = 224,
+        image_size: int = DINO_IMAGE_SIZE,
         input_transform: str = "signed",
         antialias: bool = False,
     ):
@@ -73,8 +93,17 @@ class DinoV2Encoder(ModelMixin, ConfigMixin):
             dino = Dinov2Model.from_pretrained(str(name_or_path))
         except OSError as err:
             raise InputError(f"{name_or_path}: cannot load DINOv2 weights ({str(err).splitlines()[0]})") from None
-        encoder = cls(dinov2_config=dino.config.to_diff_dict(), **kwargs)
-        encoder.dino.load_state_dict(dino.state_dict())
+        config, state = dino.config.to_diff_dict(), dino.state_dict()
+        patch = dino.config.patch_size
+        grid = kwargs.get("image_size", DINO_IMAGE_SIZE) // patch
+        key = "embeddings.position_embeddings"
+        if state[key].shape[1] != 1 + grid * grid:
+            # Resample the position table once, here, as DINOv2's own code does at run time (the public X-MDPT
+            # code runs the torch.hub model); the stored table then fits the input and transformers uses it as is.
+            state[key] = hub_position_table(state[key], grid)
+            config["image_size"] = grid * patch
+        encoder = cls(dinov2_config=config, **kwargs)
+        encoder.dino.load_state_dict(state)
         return encoder
 
     @property

@@ -46,9 +46,9 @@ def build_denoiser(config: TrainConfig, codec: nn.Module, pose_encoder: nn.Modul
     f = codec.downsample_factor
     if height % (f * m.patch_size) or width % (f * m.patch_size):
         raise InputError(f"data.size {height}x{width} is not divisible by codec factor {f} x patch {m.patch_size}")
-    sizes = dict(XMDPT_PRESETS[m.preset]) if m.preset else {}
     if m.preset and m.preset not in XMDPT_PRESETS:
         raise InputError(f"model.preset={m.preset!r}: choose one of {', '.join(XMDPT_PRESETS)} or null")
+    sizes = dict(XMDPT_PRESETS[m.preset]) if m.preset else {}
     for key in ("hidden_size", "depth", "num_heads"):
         if getattr(m, key) is not None:
             sizes[key] = getattr(m, key)

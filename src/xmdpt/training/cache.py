@@ -133,6 +133,7 @@ class CachedPairs(Dataset):
         reference, target = self.entry(names[0], flip), self.entry(names[1], flip)
         return {
             "reference_latent": reference["mean"],
+            "reference_latent_std": reference["std"],
             "reference_features": reference["reference_features"],
             "target_latent_mean": target["mean"],
             "target_latent_std": target["std"],

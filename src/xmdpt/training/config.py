@@ -159,6 +159,10 @@ def validate(config: TrainConfig) -> None:
         value = getattr(getattr(config, section), name)
         if value not in allowed:
             raise InputError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+    from xmdpt.models.xmdpt import XMDPT_PRESETS
+
+    if config.model.preset is not None and config.model.preset not in XMDPT_PRESETS:
+        raise InputError(f"model.preset={config.model.preset!r}: choose one of {', '.join(XMDPT_PRESETS)} or null")
     o = config.optim
     if o.batch_size < 1 or o.grad_accum < 1 or o.batch_size % o.grad_accum:
         raise InputError(f"optim.batch_size={o.batch_size} must be a positive multiple of grad_accum={o.grad_accum}")

@@ -315,15 +315,17 @@ class Trainer:
         if "target_latent_mean" in batch:  # from the feature cache: sample the posterior here, as the VAE would
             mean, std = batch["target_latent_mean"], batch["target_latent_std"]
             target_latents = (mean + std * torch.randn(mean.shape, generator=vae_generator)).to(device)
+            mean, std = batch["reference_latent"], batch["reference_latent_std"]
+            reference_latent = (mean + std * torch.randn(mean.shape, generator=vae_generator)).to(device)
             features = (batch["pose_features"].to(device), batch["reference_features"].to(device))
-            reference_latent = batch["reference_latent"].to(device)
             with self.accelerator.autocast():
                 return self.step_module(target_latents, reference_latent, None, None, draws, features)
         target = batch["target_image"].to(device)
         reference = batch["reference_image"].to(device)
         with torch.no_grad():
             target_latents = self.codec.encode(target, sample=True, generator=vae_generator).float()
-            reference_latent = self.codec.encode(reference).float()  # the deterministic posterior mean
+            # A posterior sample for the reference too, as the public loop encodes both (sampling uses the mean).
+            reference_latent = self.codec.encode(reference, sample=True, generator=vae_generator).float()
         with self.accelerator.autocast():
             return self.step_module(
                 target_latents, reference_latent, batch["target_pose"].to(device), reference, draws
