@@ -81,6 +81,29 @@ def test_batch_equals_single_runs_and_skips_bad_lines(files, capsys):
         np.testing.assert_array_equal(pixels(files / "batch" / name), pixels(single))
 
 
+def test_batch_skips_lines_that_cannot_be_read_or_written(files, capsys):
+    (files / "zero.json").write_text('{"height": 0, "width": 0, "keypoints": [[0, 0]' + ", null" * 17 + "]}")
+    (files / "out" / "taken.png").mkdir(parents=True)
+    (files / "pairs.csv").write_text(
+        "reference,pose,out\n"
+        "person1.png,zero.json,a.png\n"  # a malformed pose file
+        "person1.png,pose1.json,b.png\n"
+        "person2.png,pose2.json,b.png\n"  # the same output as the line before
+        "person2.png,pose1.json,taken.png\n"  # a folder stands where the image goes
+        "person2.png,pose2.json,c.png\n"
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--pairs", str(files / "pairs.csv"), "--out-dir", str(files / "out"), "--steps", "2"])
+    assert done.value.code == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 3 and "Traceback" not in captured.err
+    assert any("pairs.csv:2" in e and "height" in e for e in errors)
+    assert any("pairs.csv:4" in e and "already line 3's output" in e for e in errors)
+    assert any("pairs.csv:5" in e and "is a folder" in e for e in errors)
+    assert sorted(p.name for p in (files / "out").glob("*.png") if p.is_file()) == ["b.png", "c.png"]
+
+
 def test_batch_of_good_lines_exits_normally(files, capsys):
     (files / "pairs.csv").write_text("reference,pose\nperson1.png,pose1.json\n")
     main(["generate", "--pairs", str(files / "pairs.csv"), "--out-dir", str(files / "ok"), "--steps", "2"])
@@ -94,6 +117,8 @@ def bad_case(files, name):
     (files / "notours").mkdir(exist_ok=True)
     (files / "notours" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (files / "headless.csv").write_text("a,b\nperson1.png,pose1.json\n")
+    (files / "d.png").mkdir(exist_ok=True)
+    (files / "zero.json").write_text('{"height": 0, "width": 0, "keypoints": [[0, 0]' + ", null" * 17 + "]}")
     ref, pose, out = str(files / "person1.png"), str(files / "pose1.json"), str(files / "o.png")
     return {
         "missing reference": (["--reference", str(files / "nope.png"), "--pose", pose, "--out", out], "not found"),
@@ -115,18 +140,35 @@ def bad_case(files, name):
         "bad output suffix": (["--reference", ref, "--pose", pose, "--out", str(files / "o.txt")], "output must be"),
         "no pose": (["--reference", ref, "--out", out], "give --reference, --pose and --out"),
         "pairs without header": (["--pairs", str(files / "headless.csv"), "--out-dir", str(files / "b")], "header"),
+        "guidance not a number": (["--reference", ref, "--pose", pose, "--out", out, "--guidance", "nan"], "finite"),
+        "too many steps": (["--reference", ref, "--pose", pose, "--out", out, "--steps", "5000"], "must lie in [1, "),
+        "output is a folder": (["--reference", ref, "--pose", pose, "--out", str(files / "d.png")], "is a folder"),
+        "output under a file": (
+            ["--reference", ref, "--pose", pose, "--out", str(files / "pose1.json" / "o.png")],
+            "cannot create the output folder",
+        ),
+        "zero-size pose frame": (
+            ["--reference", ref, "--pose", str(files / "zero.json"), "--out", out],
+            "[1, 100000]",
+        ),
+        "device that computes nothing": (
+            ["--reference", ref, "--pose", pose, "--out", out, "--device", "meta"],
+            "meta",
+        ),
     }[name]
 
 
 @pytest.mark.parametrize(
     "name",
     ["missing reference", "missing pose", "unreadable image", "pose of wrong shape", "model not ours",
-     "model folder missing", "unknown sampler", "bad output suffix", "no pose", "pairs without header"],
+     "model folder missing", "unknown sampler", "bad output suffix", "no pose", "pairs without header",
+     "guidance not a number", "too many steps", "output is a folder", "output under a file", "zero-size pose frame",
+     "device that computes nothing"],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_code_2(files, capsys, name):
     args, message = bad_case(files, name)
     with pytest.raises(SystemExit) as done:
-        main(["generate", *args, "--steps", "2"])
+        main(["generate", "--steps", "2", *args])  # a later --steps wins
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
@@ -145,3 +187,17 @@ def test_default_model_and_device(monkeypatch, tmp_path, model_dir):
             resolve_device("cuda")
     with pytest.raises(InputError, match="unknown device"):
         resolve_device("toaster")
+
+
+def test_file_system_errors_are_one_line_and_exit_code_2(files, capsys):
+    # `xmdpt pose` makes its output folder where a file stands: the OSError becomes one line, not a traceback.
+    for args in (
+        ["pose", str(files / "person1.png"), "--out", str(files / "pose1.json")],
+        ["pose", str(files), "--out", str(files / "poses")],  # a folder given as a photo, found before MediaPipe
+        ["demo", "--seed", "-1", "--out", str(files / "demo.png")],
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        assert done.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err

@@ -105,3 +105,18 @@ def test_checkpoint_with_unknown_extra_keys_is_rejected(public_checkpoint, tmp_p
     torch.save(state, tmp_path / "odd.pt")
     with pytest.raises(InputError, match="unexpected"):
         convert_public_checkpoint(tmp_path / "odd.pt")
+
+
+def test_cli_refuses_an_output_that_is_a_file_and_options_that_do_not_fit(public_checkpoint, tmp_path, capsys):
+    _, path = public_checkpoint
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    for out, extra, message in ((taken, [], "is not a folder"), (tmp_path / "o", ["--decode-layers", "0"], "decode")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert", str(path), str(out), *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert taken.read_text() == "keep me"
+    main(["convert", str(path), str(tmp_path / "ok")])  # and a good one still writes its folder
+    assert (tmp_path / "ok" / "config.json").is_file()

@@ -10,6 +10,7 @@ from PIL import Image
 
 from xmdpt.cli import main
 from xmdpt.data.synthetic import SynthConfig, generate, make_identity
+from xmdpt.errors import InputError
 
 
 def digest(root) -> str:
@@ -86,3 +87,19 @@ def test_cli_synth(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["data", "synth", str(tmp_path / "x"), "--size", "64by44"])
     assert exc.value.code == 2
+
+
+def test_a_second_set_is_not_written_over_the_first_and_settings_are_checked(tmp_path, capsys):
+    generate(tmp_path / "s", SynthConfig(num_identities=3, poses_per_identity=2, seed=1), progress=False)
+    with pytest.raises(InputError, match="already holds a data set"):
+        generate(tmp_path / "s", SynthConfig(num_identities=4, poses_per_identity=2, seed=1), progress=False)
+    with pytest.raises(InputError, match="test_fraction"):
+        SynthConfig(test_fraction=1.5)
+    with pytest.raises(InputError, match="seed"):
+        SynthConfig(seed=-1)
+    # From the command line: one line, exit 2, and the first set is left as it was.
+    before = sorted(p.name for p in (tmp_path / "s").rglob("*"))
+    with pytest.raises(SystemExit) as done:
+        main(["data", "synth", str(tmp_path / "s"), "--num-identities", "4"])
+    assert done.value.code == 2 and "already holds" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "s").rglob("*")) == before

@@ -145,6 +145,13 @@ def test_wrong_input_shapes_are_input_errors(pipe):
         pipe(ref[:, :, :32], pose, progress=False)
     with pytest.raises(InputError, match="reference images"):
         pipe(ref, pose[:1], progress=False)
+    for steps in (0, 1001):
+        with pytest.raises(InputError, match=r"must lie in \[1, 1000\]"):
+            pipe(ref, pose, num_inference_steps=steps, progress=False)
+    with pytest.raises(InputError, match="finite"):
+        pipe(ref, pose, guidance_scale=float("inf"), progress=False)
+    with pytest.raises(InputError, match="empty list"):
+        pipe([], [], progress=False)
 
 
 def test_pose_map_model_samples_equal_the_public_schedule_and_follow_the_pose(tiny_hub):

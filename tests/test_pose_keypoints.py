@@ -96,3 +96,11 @@ def test_flat_names_round_trip_on_the_real_split_lists():
     )
     with pytest.raises(InputError, match="not a DeepFashion flat image name"):
         flat_to_inshop("holiday.jpg")
+
+
+@pytest.mark.parametrize("height, width", [(0, 0), (1.5, 176), (True, True), (1e400, 176), ("256", 176), (-3, 176)])
+def test_json_frame_must_be_positive_integers(height, width):
+    obj = {"height": height, "width": width, "keypoints": [[1, 2]] + [None] * 17}
+    with pytest.raises(InputError, match="integer 'height' and 'width'"):
+        Pose.from_json(obj, "p.json")
+    assert Pose.from_json({**obj, "height": 256, "width": 176}, "p.json").height == 256

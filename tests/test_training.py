@@ -103,6 +103,11 @@ def test_published_recipe_is_the_default():
     assert c.optim.grad_clip is None and c.optim.warmup_steps == 0
 
 
+def test_negative_max_steps_is_refused():
+    with pytest.raises(InputError, match="max_steps"):
+        load_config(None, ["optim.max_steps=-5"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -178,6 +183,10 @@ def test_training_writes_checkpoints_logs_and_a_loadable_pipeline(synth_root, tm
     assert len(events.Tags()["images"]) == 1
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["ranks_agree"] and summary["step"] == 6
+    # A fresh run in the same folder would start over and prune the earlier run's checkpoints: refused.
+    with pytest.raises(InputError, match="add --resume"):
+        train(config)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
 def test_resume_after_sigkill_is_bit_identical(synth_root, tmp_path):
@@ -423,10 +432,11 @@ def test_feature_cache_serves_the_frozen_outputs_and_trains(synth_root, tmp_path
         and item["reference_latent_std"].gt(0).all()
     )
     assert trainer.train().step == 2
+    fresh = f"run.out_dir={tmp_path / 'other'}"  # the first run's folder now holds checkpoints
     with pytest.raises(InputError, match="data.scale=0"):
-        Trainer(load_config(None, [*settings, "data.scale=0.05"]))
+        Trainer(load_config(None, [*settings, "data.scale=0.05", fresh]))
     with pytest.raises(InputError, match="model.pose_map"):
-        Trainer(load_config(None, [*settings, "data.scale=0", "model.pose_map=true"]))
+        Trainer(load_config(None, [*settings, "data.scale=0", "model.pose_map=true", fresh]))
 
 
 def test_pose_map_model_trains_and_its_pipeline_feeds_the_pose(synth_root, tmp_path):

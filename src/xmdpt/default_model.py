@@ -94,6 +94,8 @@ def resolve_device(device: str | None) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise InputError(f"unknown device {device!r} ({err})") from None
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device {device!r}: use cpu, cuda, cuda:N or mps")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} asked for, but no CUDA GPU is available here")
     if resolved.type == "mps" and not torch.backends.mps.is_available():

@@ -257,6 +257,14 @@ class XMDPTPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "pt"):
             raise InputError(f"unknown output_type {output_type!r}; use 'pil' or 'pt'")
+        T = self.scheduler.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= T:
+            raise InputError(f"num_inference_steps={num_inference_steps} must lie in [1, {T}] (the training schedule)")
+        if not math.isfinite(guidance_scale):
+            raise InputError(f"guidance_scale={guidance_scale} must be a finite number")
+        for name, value in (("reference_image", reference_image), ("target_pose", target_pose)):
+            if isinstance(value, list | tuple) and not value:
+                raise InputError(f"{name} is an empty list: give at least one")
         with PoseReader(pose_extractor) as reader:
             reference_image, pose_image = prepare_inputs(reference_image, target_pose, self.image_size, fit, reader)
         device = self._execution_device

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:  # an unwritable output, a folder where a file goes, a busy port: the user's to fix
+        where = f"{err.filename}: " if err.filename else ""
+        typer.echo(f"error: {where}{err.strerror or err}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

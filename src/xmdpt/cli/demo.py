@@ -29,6 +29,8 @@ def demo(
     check_output_path(out)
     if steps is not None and steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
+    if seed < 0:
+        raise InputError(f"--seed must be >= 0, got {seed}")
     pipe, info = load_pipeline(model, device)
     if info.synth is None:
         raise InputError(f"{model}: no {INFO_FILE} with the synthetic set it was trained on; the demo needs one")

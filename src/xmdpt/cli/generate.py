@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +38,22 @@ class PairLine:
 
 
 def check_output_path(path: Path) -> Path:
+    """An image file name in a folder we can write, checked before any sampling."""
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError(f"{path}: output must be an image file ({', '.join(OUTPUT_SUFFIXES)})")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give an image file name")
+    check_output_folder(path.parent)
     return path
+
+
+def check_output_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{folder}: cannot create the output folder ({err.strerror or err})") from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{folder}: the output folder is not writable")
 
 
 def read_pairs(csv_path: Path, out_dir: Path) -> tuple[list[PairLine], list[str]]:
@@ -52,7 +67,7 @@ def read_pairs(csv_path: Path, out_dir: Path) -> tuple[list[PairLine], list[str]
     header = [cell.strip().lower() for cell in rows[0]] if rows else []
     if header[:2] != ["reference", "pose"] or header[2:] not in ([], ["out"]):
         raise InputError(f"{csv_path}: the first line must be the header 'reference,pose' or 'reference,pose,out'")
-    base, lines, problems, index = csv_path.parent, [], [], 0
+    base, lines, problems, index, outs = csv_path.parent, [], [], 0, {}
     for number, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -69,7 +84,12 @@ def read_pairs(csv_path: Path, out_dir: Path) -> tuple[list[PairLine], list[str]
             problems.append(f"{where}: out {name!r} must be a relative path inside --out-dir")
         elif out.suffix.lower() not in OUTPUT_SUFFIXES:
             problems.append(f"{where}: out {name!r} must be an image file ({', '.join(OUTPUT_SUFFIXES)})")
+        elif out in outs:
+            problems.append(f"{where}: out {name!r} is already line {outs[out]}'s output")
+        elif (out_dir / out).is_dir():
+            problems.append(f"{where}: out {name!r} is a folder in --out-dir")
         else:
+            outs[out] = number
             lines.append(PairLine(where, index, reference, pose, out_dir / out))
         index += 1
     return lines, problems
@@ -109,6 +129,8 @@ def generate(
         raise InputError(f"unknown fit {fit!r}; use {', '.join(FITS)}")
     if steps is not None and steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
+    if guidance is not None and not math.isfinite(guidance):
+        raise InputError(f"--guidance must be a finite number, got {guidance}")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if pairs is None:
@@ -118,6 +140,7 @@ def generate(
                 raise InputError(f"{path}: {what} not found")
         lines, problems = [PairLine("", 0, reference, pose, out)], []
     else:
+        check_output_folder(out_dir)
         lines, problems = read_pairs(pairs, out_dir)
 
     runner = Runner.load(model, device, sampler, steps, guidance, seed, fit)
@@ -164,8 +187,9 @@ class Runner:
             raise InputError(f"{line.pose}: {what} not found")
         return prepare_inputs(line.reference, line.pose, self.pipe.image_size, self.fit, reader)
 
-    def sample(self, lines: list[PairLine], references, poses, progress: bool) -> None:
-        """Sample one batch; each line's initial noise comes from its own seed, so batching changes nothing."""
+    def sample(self, lines: list[PairLine], references, poses, progress: bool) -> list[str]:
+        """Sample one batch; each line's initial noise comes from its own seed, so batching changes nothing. Return
+        one message per image that could not be written (single mode raises instead)."""
         import torch
 
         latents, _ = self.pipe.seeded_latents([self.seed + ln.index for ln in lines])
@@ -178,9 +202,16 @@ class Runner:
             latents=latents,
             progress=progress,
         ).images
+        failures = []
         for line, image in zip(lines, images, strict=True):
-            line.out.parent.mkdir(parents=True, exist_ok=True)
-            image.save(line.out)
+            try:
+                line.out.parent.mkdir(parents=True, exist_ok=True)
+                image.save(line.out)
+            except OSError as err:
+                if not line.where:
+                    raise InputError(f"{line.out}: cannot write the image ({err.strerror or err})") from None
+                failures.append(f"{line.where}: cannot write {line.out} ({err.strerror or err})")
+        return failures
 
     def run(self, lines: list[PairLine], progress: bool, reader=None) -> list[str]:
         """Prepare and sample `lines` as one batch; return one message per line that failed (and was left out)."""
@@ -194,7 +225,7 @@ class Runner:
                 failures.append(f"{line.where}: {err}")
         if prepared:
             good, references, poses = (list(column) for column in zip(*prepared, strict=True))
-            self.sample(good, references, poses, progress)
+            failures += self.sample(good, references, poses, progress)
         return failures
 
     def run_batches(self, lines: list[PairLine], batch_size: int) -> int:

@@ -29,5 +29,9 @@ def convert(
     """Convert a public X-MDPT checkpoint into a folder that `XMDPT.from_pretrained` loads."""
     from xmdpt.models.convert import convert_public_checkpoint
 
-    convert_public_checkpoint(checkpoint, out_dir, parse_size(grid) if grid else None, decode_layers)
-    typer.echo(f"wrote {out_dir}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")
+    try:
+        convert_public_checkpoint(checkpoint, out_dir, parse_size(grid) if grid else None, decode_layers)
+    except ValueError as err:  # options that do not fit the checkpoint's model
+        raise InputError(f"{checkpoint}: {err}") from None

@@ -35,6 +35,10 @@ def serve(
         raise InputError(f"--port {port} is not a port number")
     if max_upload_mb <= 0:
         raise InputError("--max-upload-mb must be positive")
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
+    if max_queue < 1:
+        raise InputError(f"--max-queue must be at least 1, got {max_queue}")
     pipe, info = load_pipeline(model, device)
     pipe.set_progress_bar_config(disable=False)
     reposer = Reposer(

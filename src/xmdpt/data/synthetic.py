@@ -53,6 +53,12 @@ class SynthConfig:
     test_fraction: float = 0.1  # share of identities held out for the test split
     masks: bool = True
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise InputError(f"the synthetic set's seed must be >= 0, got {self.seed}")
+        if not 0 < self.test_fraction < 1:
+            raise InputError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -264,6 +270,11 @@ def generate(out_dir: str | Path, config: SynthConfig, progress: bool = True) ->
     if height < 16 or width < 8:
         raise InputError(f"image size {height}x{width} is too small to draw a figure (at least 16x8)")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if any((out / split).is_dir() for split in ("train", "test")):
+        # Writing over another set would leave its images beside the new ones, and a folder listing would see both.
+        raise InputError(f"{out}: already holds a data set; choose a new or empty folder")
     test = held_out_identities(config)
     splits = {"train": range(test.start), "test": test}
     counts = {}
@@ -295,7 +306,7 @@ def generate(out_dir: str | Path, config: SynthConfig, progress: bool = True) ->
         counts[f"{split}_images"], counts[f"{split}_pairs"] = len(annotations), len(pairs)
     settings = asdict(config) | {"size": list(config.size), "format": "deepfashion-csv", **counts}
     (out / "synth.json").write_text(json.dumps(settings, indent=1) + "\n")
-    log.info("synthetic set in %s: %s", out, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+    log.debug("synthetic set in %s: %s", out, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     return counts
 
 

@@ -223,8 +223,9 @@ def load_state_file(path: Path | str) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, SafetensorError, ValueError) as error:
-        raise InputError(f"weights file {path} cannot be read: {error}") from error
+    except Exception as error:  # torch.load fails in many ways (KeyError, UnpicklingError...) on other files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"weights file {path} cannot be read ({type(error).__name__}: {first[:200]})") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):

@@ -338,6 +338,8 @@ def evaluate(
     check_data_root(root, config.layout)
     if config.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {config.workers}")
     eval_size = config.image_size or default_eval_size(root, config.layout)
     if config.layout in ("deepfashion", "pidm") and format_size(eval_size) not in EVAL_SIZES:
         logger.warning("evaluation size %s is not one of the protocol's (%s)", format_size(eval_size), EVAL_SIZES)

@@ -63,6 +63,7 @@ MARKET_FRAME = (128, 64)
 PIDM_FRAME = (256, 256)
 PIDM_PAD = 40  # (256 - 176) / 2: the PIDM/NTED pose files keep In-shop's white side bands
 JSON_FORMAT = "openpose-18"
+MAX_FRAME = 100_000  # pixels: a frame side beyond this is a malformed file, not a photo
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,10 +194,12 @@ class Pose:
             raise InputError(f"{source}: not an {JSON_FORMAT} keypoint file (no 'keypoints' list)")
         if obj.get("format", JSON_FORMAT) != JSON_FORMAT:
             raise InputError(f"{source}: format is {obj.get('format')!r}, expected {JSON_FORMAT!r}")
-        try:
-            height, width = int(obj["height"]), int(obj["width"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{source}: needs integer 'height' and 'width' of the image frame") from None
+        height, width = obj.get("height"), obj.get("width")
+        if not all(type(v) is int and 0 < v <= MAX_FRAME for v in (height, width)):
+            raise InputError(
+                f"{source}: needs integer 'height' and 'width' of the image frame in [1, {MAX_FRAME}], "
+                f"got {height!r} x {width!r}"
+            )
         points = obj["keypoints"]
         if not isinstance(points, list) or len(points) != NUM_JOINTS:
             count = len(points) if isinstance(points, list) else type(points).__name__

@@ -149,7 +149,7 @@ def _merge(base, load, where: str):
     """Merge one layer, naming the layer (the file, or the command line) in a one-line error."""
     try:
         return OmegaConf.merge(base, load())
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as err:
         raise InputError(f"{where}{str(err).splitlines()[0]}") from None
 
 
@@ -164,6 +164,8 @@ def validate(config: TrainConfig) -> None:
     if config.model.preset is not None and config.model.preset not in XMDPT_PRESETS:
         raise InputError(f"model.preset={config.model.preset!r}: choose one of {', '.join(XMDPT_PRESETS)} or null")
     o = config.optim
+    if o.max_steps < 0:
+        raise InputError(f"optim.max_steps={o.max_steps} must be >= 0")
     if o.batch_size < 1 or o.grad_accum < 1 or o.batch_size % o.grad_accum:
         raise InputError(f"optim.batch_size={o.batch_size} must be a positive multiple of grad_accum={o.grad_accum}")
     if len(config.data.size) != 2 or min(config.data.size) < 8:

@@ -170,6 +170,11 @@ class Trainer:
             project_dir=str(self.out_dir),
         )
         acc = self.accelerator
+        if not resume and (self.ckpt_dir / "latest").is_file():
+            raise InputError(
+                f"{self.out_dir} holds the checkpoints of an earlier run: add --resume to go on with it, or choose "
+                "another run.out_dir"
+            )
         if acc.is_main_process:
             preflight(self.out_dir)
         acc.wait_for_everyone()
@@ -479,7 +484,7 @@ class Trainer:
             self.ema.load_state_dict(load_file(folder / "ema.safetensors"))
             structure = json.loads((folder / "optimizer.json").read_text())
             self.optimizer.load_state_dict(unflatten_optimizer(load_file(folder / "optimizer.safetensors"), structure))
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
             raise InputError(f"{folder}: cannot resume from this checkpoint ({str(err).splitlines()[0]})") from None
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step, self.skipped_nan = state["step"], state.get("skipped_nan_steps", 0)
