@@ -59,7 +59,7 @@ def check_output_folder(folder: Path) -> None:
 def read_pairs(csv_path: Path, out_dir: Path) -> tuple[list[PairLine], list[str]]:
     """Data lines of the pairs CSV, and one message per malformed line (the file itself must be readable)."""
     if not csv_path.is_file():
-        raise InputError(f"{csv_path}: pairs file not found")
+        raise InputError(f"{csv_path}: pairs file {'is a folder' if csv_path.is_dir() else 'not found'}")
     try:
         rows = list(csv.reader(csv_path.read_text(encoding="utf-8-sig").splitlines()))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
@@ -137,7 +137,7 @@ def generate(
         check_output_path(out)
         for path, what in ((reference, "reference image"), (pose, "pose file")):
             if not path.is_file():
-                raise InputError(f"{path}: {what} not found")
+                raise InputError(f"{path}: {what} {'is a folder' if path.is_dir() else 'not found'}")
         lines, problems = [PairLine("", 0, reference, pose, out)], []
     else:
         check_output_folder(out_dir)
@@ -184,7 +184,7 @@ class Runner:
 
         if not line.pose.is_file():
             what = "pose file" if is_keypoint_file(line.pose) else "pose file or driving photo"
-            raise InputError(f"{line.pose}: {what} not found")
+            raise InputError(f"{line.pose}: {what} {'is a folder' if line.pose.is_dir() else 'not found'}")
         return prepare_inputs(line.reference, line.pose, self.pipe.image_size, self.fit, reader)
 
     def sample(self, lines: list[PairLine], references, poses, progress: bool) -> list[str]:

@@ -14,7 +14,7 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise InputError(f"size {text!r} must look like HEIGHTxWIDTH, e.g. 32x22") from None
+        raise InputError(f"size {text!r} must look like HEIGHTxWIDTH, e.g. 16x11") from None
     if h <= 0 or w <= 0:
         raise InputError(f"size {text!r} must be positive")
     return h, w

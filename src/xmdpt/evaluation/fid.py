@@ -127,7 +127,10 @@ class InceptionV3Features(FeatureExtractor):
         from torchvision.models import Inception_V3_Weights
 
         state = pretrained_state(
-            weights, Inception_V3_Weights.IMAGENET1K_V1, "torchvision Inception-v3 weights", TORCHVISION_INCEPTION_URL
+            weights,
+            Inception_V3_Weights.IMAGENET1K_V1,
+            "torchvision Inception-v3 weights (xmdpt evaluate --inception-weights)",
+            TORCHVISION_INCEPTION_URL,
         )
         _load_strict(net, state, what="torchvision Inception-v3")
         # The block list of CFLD's build_metric (and GFLA's InceptionV3 blocks 0-3): everything up to the pool.

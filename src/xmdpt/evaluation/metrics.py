@@ -226,7 +226,12 @@ def alexnet_to_lpips_backbone(state: Mapping[str, torch.Tensor], backbone: nn.Mo
 def _alexnet_state(weights: Path | str | Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
     from torchvision.models import AlexNet_Weights
 
-    return pretrained_state(weights, AlexNet_Weights.IMAGENET1K_V1, "AlexNet weights for LPIPS", ALEXNET_URL)
+    return pretrained_state(
+        weights,
+        AlexNet_Weights.IMAGENET1K_V1,
+        "AlexNet weights for LPIPS (xmdpt evaluate --alexnet-weights)",
+        ALEXNET_URL,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the accumulator

@@ -39,7 +39,7 @@ def load_public_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a public checkpoint safely (`weights_only=True`: no code is unpickled)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'no such file'}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint

@@ -134,7 +134,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"{path}: no such config file")
+            raise InputError(f"{path}: {'a folder, not a config file' if path.is_dir() else 'no such config file'}")
         merged = _merge(merged, lambda: OmegaConf.load(path), f"{path}: ")
     for item in overrides or []:
         if "=" not in item:
