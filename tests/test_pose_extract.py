@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from xmdpt.cli import main
 from xmdpt.data.deepfashion import FolderPairs
 from xmdpt.errors import InputError
-from xmdpt.pose.extract import BLAZEPOSE_TO_COCO18, PoseExtractor, fit_image
+from xmdpt.pose.extract import BLAZEPOSE_TO_COCO18, PoseExtractor, fit_image, native_stderr_silenced
 from xmdpt.pose.keypoints import Pose
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,3 +103,21 @@ def test_fit_image_frames():
     assert padded.size == (176, 256) and padded.getpixel((88, 2)) == (255, 255, 255)
     assert fit_image(photo, None) is photo
     assert BLAZEPOSE_TO_COCO18[2] == 12 and BLAZEPOSE_TO_COCO18[5] == 11  # mediapipe's right shoulder is 12
+
+
+def test_native_stderr_is_silenced_inside_only(capfd):
+    # MediaPipe's C++ side writes to descriptor 2 itself; inside the block (nested, or from several threads at once)
+    # such writes vanish, and the descriptor is the real stderr again afterwards.
+    def native(text):
+        with native_stderr_silenced():
+            os.write(2, text)
+
+    os.write(2, b"before\n")
+    with native_stderr_silenced():
+        os.write(2, b"hidden\n")
+        threads = [threading.Thread(target=native, args=(b"thread\n",)) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    native(b"again\n")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "before\nafter\n"

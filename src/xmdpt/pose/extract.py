@@ -9,7 +9,10 @@ the midpoint of the shoulders.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,12 +80,39 @@ def fit_image(image: Image.Image, size: tuple[int, int] | None, fit: Fit = "crop
     return image.resize((size[1], size[0]), Image.BICUBIC)
 
 
+_silence_lock = threading.Lock()
+_silence_state = {"depth": 0, "saved": -1}  # shared by threads: the first in redirects, the last out restores
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """MediaPipe's C++ side (TFLite, absl logging) writes to file descriptor 2 directly, ignoring Python's logging
+    and GLOG_minloglevel; around its calls only, that descriptor points at the null device. Python exceptions still
+    propagate and are reported after it is restored."""
+    with _silence_lock:
+        if _silence_state["depth"] == 0:
+            sys.stderr.flush()
+            _silence_state["saved"] = os.dup(2)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        _silence_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _silence_lock:
+            _silence_state["depth"] -= 1
+            if _silence_state["depth"] == 0:
+                os.dup2(_silence_state["saved"], 2)
+                os.close(_silence_state["saved"])
+
+
 class PoseExtractor:
     """MediaPipe Pose (static images, complexity 1); reuse one instance for many photos."""
 
     def __init__(self, min_visibility: float = 0.5) -> None:
         self.min_visibility = min_visibility
-        os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging is noisy on stderr
+        os.environ.setdefault("GLOG_minloglevel", "2")  # what of MediaPipe's logging still honours it
         try:
             import mediapipe as mp
         except ImportError as err:
@@ -90,9 +120,10 @@ class PoseExtractor:
                 f"pose extraction needs mediapipe {MEDIAPIPE_VERSION} (the last release that bundles its pose "
                 f"models): pip install 'xmdpt[pose]' or pip install mediapipe=={MEDIAPIPE_VERSION} ({err})"
             ) from err
-        self._pose = mp.solutions.pose.Pose(
-            static_image_mode=True, model_complexity=1, enable_segmentation=False, min_detection_confidence=0.5
-        )
+        with native_stderr_silenced():
+            self._pose = mp.solutions.pose.Pose(
+                static_image_mode=True, model_complexity=1, enable_segmentation=False, min_detection_confidence=0.5
+            )
 
     def close(self) -> None:
         self._pose.close()
@@ -107,7 +138,8 @@ class PoseExtractor:
         """Keypoints of the most prominent person in `image` (RGB), in its pixel frame."""
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
         height, width = rgb.shape[:2]
-        result = self._pose.process(rgb)
+        with native_stderr_silenced():
+            result = self._pose.process(rgb)
         if result.pose_landmarks is None:
             raise InputError(f"{source}: no person found in the image")
         marks = result.pose_landmarks.landmark
