@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from xmdpt.data.images import load_image, to_rgb
-from xmdpt.errors import InputError
+from xmdpt.errors import InputError, require_file
 from xmdpt.pose.extract import FITS, Fit, PoseExtractor, fit_image, fit_window
 from xmdpt.pose.keypoints import Pose
 from xmdpt.pose.render import skeleton_tensor
@@ -51,9 +51,7 @@ def fit_pose(pose: Pose, size: tuple[int, int], fit: Fit = "pad") -> Pose:
 # ---- loading ----------------------------------------------------------------------------------------------------
 def load_pose_file(path: PathLike) -> Pose:
     """A keypoint file by its suffix: `.json` (ours, any frame) or `.txt` (PIDM/NTED, 256x176 image frame)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: pose file not found")
+    path = require_file(Path(path), "pose file")
     if path.suffix.lower() == ".json":
         return Pose.load_json(path)
     return Pose.from_pidm_file(path)

@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from xmdpt.errors import InputError
+from xmdpt.errors import InputError, require_file
 
 log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -58,8 +58,7 @@ def check_output_folder(folder: Path) -> None:
 
 def read_pairs(csv_path: Path, out_dir: Path) -> tuple[list[PairLine], list[str]]:
     """Data lines of the pairs CSV, and one message per malformed line (the file itself must be readable)."""
-    if not csv_path.is_file():
-        raise InputError(f"{csv_path}: pairs file {'is a folder' if csv_path.is_dir() else 'not found'}")
+    require_file(csv_path, "pairs file")
     try:
         rows = list(csv.reader(csv_path.read_text(encoding="utf-8-sig").splitlines()))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
@@ -136,8 +135,7 @@ def generate(
     if pairs is None:
         check_output_path(out)
         for path, what in ((reference, "reference image"), (pose, "pose file")):
-            if not path.is_file():
-                raise InputError(f"{path}: {what} {'is a folder' if path.is_dir() else 'not found'}")
+            require_file(path, what)
         lines, problems = [PairLine("", 0, reference, pose, out)], []
     else:
         check_output_folder(out_dir)
@@ -182,9 +180,7 @@ class Runner:
         """(reference, skeleton) tensors of one line; raises `InputError` for a bad one."""
         from xmdpt.inputs import is_keypoint_file, prepare_inputs
 
-        if not line.pose.is_file():
-            what = "pose file" if is_keypoint_file(line.pose) else "pose file or driving photo"
-            raise InputError(f"{line.pose}: {what} {'is a folder' if line.pose.is_dir() else 'not found'}")
+        require_file(line.pose, "pose file" if is_keypoint_file(line.pose) else "pose file or driving photo")
         return prepare_inputs(line.reference, line.pose, self.pipe.image_size, self.fit, reader)
 
     def sample(self, lines: list[PairLine], references, poses, progress: bool) -> list[str]:

@@ -23,7 +23,7 @@ def pose(
     from PIL import Image
 
     from xmdpt.cli.data import parse_size
-    from xmdpt.errors import InputError
+    from xmdpt.errors import InputError, require_file
     from xmdpt.inputs import FITS
     from xmdpt.pose.extract import PoseExtractor, extract_file
     from xmdpt.pose.render import draw_skeleton
@@ -32,8 +32,7 @@ def pose(
     if fit not in FITS:
         raise InputError(f"unknown fit {fit!r}; use {', '.join(FITS)}")
     for path in images:  # before MediaPipe opens, which takes a while and talks on stderr
-        if not path.is_file():
-            raise InputError(f"{path}: {'is a folder, not an image' if path.is_dir() else 'image file not found'}")
+        require_file(path, "image file")
     out.mkdir(parents=True, exist_ok=True)
     with PoseExtractor(min_visibility) as extractor:
         for path in images:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from xmdpt.errors import InputError
+from xmdpt.errors import InputError, require_file
 
 # PIL's own warning threshold (about 89 megapixels): far above any photo a pose model needs, far below a bomb.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -27,8 +27,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, background: tuple
     dropped, because a dropped alpha channel often leaves black or garbage colour behind a cut-out person.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image file not found")
+    require_file(path, "image file")
     try:
         with warnings.catch_warnings():
             # PIL warns (rather than raises) between 1x and 2x its limit; our own size check below decides.
