@@ -45,7 +45,7 @@ from safetensors.numpy import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from xmdpt.errors import InputError
+from xmdpt.errors import InputError, describe
 from xmdpt.evaluation.protocol import PROTOCOL_VERSION, format_size, load_real_image, parse_size, uint8_to_unit
 
 logger = logging.getLogger(__name__)
@@ -227,8 +227,7 @@ def load_state_file(path: Path | str) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load fails in many ways (KeyError, UnpicklingError...) on other files
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"weights file {path} cannot be read ({type(error).__name__}: {first[:200]})") from None
+        raise InputError(f"weights file {path} cannot be read ({describe(error)})") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):

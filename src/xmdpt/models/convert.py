@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from xmdpt.errors import InputError
+from xmdpt.errors import InputError, describe
 from xmdpt.models.xmdpt import XMDPT
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ def load_public_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {first[:200]})") from None
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({describe(err)})") from None
     # Some training scripts wrap the weights; accept the usual wrappers.
     for wrapper in ("ema", "model", "state_dict"):
         inner = state.get(wrapper) if isinstance(state, dict) else None

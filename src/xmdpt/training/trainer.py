@@ -170,7 +170,8 @@ class Trainer:
             project_dir=str(self.out_dir),
         )
         acc = self.accelerator
-        if not resume and (self.ckpt_dir / "latest").is_file():
+        has_run = (self.ckpt_dir / "latest").is_file()
+        if has_run and not resume:
             raise InputError(
                 f"{self.out_dir} holds the checkpoints of an earlier run: add --resume to go on with it, or choose "
                 "another run.out_dir"
@@ -191,7 +192,7 @@ class Trainer:
         self.step_module = TrainStep(self.denoiser, self.pose_encoder, self.reference_encoder, self.objective)
         for encoder in self.step_module.frozen.values():
             encoder.to(acc.device)
-        if config.model.init_from and not (resume and (self.ckpt_dir / "latest").is_file()):
+        if config.model.init_from and not has_run:  # a resumed run has its own weights
             self.initialise_from(Path(config.model.init_from))
         self.ema = AveragedModel(self.step_module.trainable, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay))
         self.optimizer = torch.optim.AdamW(
