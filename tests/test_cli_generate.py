@@ -201,3 +201,22 @@ def test_file_system_errors_are_one_line_and_exit_code_2(files, capsys):
         assert done.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line(files, capfd, monkeypatch):
+    # diffusers warns on its own stderr handler before failing offline; capfd sees that descriptor too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(files / "hf-home"))  # an empty cache
+    args = [
+        "--reference",
+        str(files / "person1.png"),
+        "--pose",
+        str(files / "pose1.json"),
+        "--out",
+        str(files / "o.png"),
+    ]
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--model", "someone/not-cached", *args])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: someone/not-cached: cannot load the pipeline") and "Hugging Face cache" in err[0]

@@ -84,6 +84,10 @@ def test_square_inshop_images_lose_their_side_bands(inshop, tmp_path):
 def test_split_files_are_required_and_checked(tmp_path):
     with pytest.raises(InputError, match="no split files found"):
         split_names(tmp_path)
+    (tmp_path / "fasion-resize-pairs-test.csv").write_text("from,to\n")  # a header and no pairs
+    with pytest.raises(InputError, match=r"the split files name no images \(fasion-resize-pairs-test.csv\)"):
+        split_names(tmp_path)
+    (tmp_path / "fasion-resize-pairs-test.csv").unlink()
     (tmp_path / "fasion-resize-pairs-train.csv").write_text("from,to\na.jpg,b.jpg\nonly-one-name.jpg\n")
     with pytest.raises(InputError, match=r"fasion-resize-pairs-train.csv:3: expected 'from,to'"):
         split_names(tmp_path)

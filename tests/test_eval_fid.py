@@ -274,15 +274,22 @@ def test_inception_features_equal_torchvision_transform_input_on_unit_images(inc
     assert ours.identity.startswith("torchvision-inception-v3-imagenet1k-v1-pool@")
 
 
-def test_inception_weights_errors_name_the_file(inception_state, tmp_path, monkeypatch) -> None:
+def test_inception_weights_errors_name_the_file(inception_state, tmp_path, monkeypatch, capfd) -> None:
     with pytest.raises(InputError, match="does not exist"):
         InceptionV3Features(weights=tmp_path / "missing.pth")
     broken = {k: v for k, v in inception_state.items() if not k.startswith("Mixed_7c")}
     with pytest.raises(InputError, match="missing keys"):
         InceptionV3Features(weights=broken)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+
+    def offline(url, *args, **kwargs):
+        raise OSError(f"<urlopen error [Errno -3] Temporary failure in name resolution> for {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    capfd.readouterr()
     with pytest.raises(InputError, match="inception_v3_google-0cc3c7bd.pth"):
         InceptionV3Features(weights=None)
+    assert capfd.readouterr() == ("", "")  # not torch.hub's "Downloading: ..." line before the one-line error
 
 
 def test_tf_inception_features_from_a_local_file(tmp_path, monkeypatch) -> None:

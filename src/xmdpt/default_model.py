@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from xmdpt.data.synthetic import SynthConfig
+from xmdpt.data.synthetic import LEGACY_PATTERN_CELL, SynthConfig
 from xmdpt.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ def read_model_info(folder: str | Path | None) -> ModelInfo:
         synth_keys = {f.name for f in fields(SynthConfig)} & obj.keys()
         synth = None
         if "size" in synth_keys:
-            synth = SynthConfig(**{k: obj[k] for k in synth_keys} | {"size": tuple(int(v) for v in obj["size"])})
+            # A model info written before pattern_cell existed describes a set drawn with the legacy cells.
+            given = {"pattern_cell": LEGACY_PATTERN_CELL} | {k: obj[k] for k in synth_keys}
+            synth = SynthConfig(**given | {"size": tuple(int(v) for v in obj["size"])})
         return ModelInfo(
             synth=synth,
             num_inference_steps=int(obj.get("num_inference_steps", DEFAULT_STEPS)),
@@ -79,7 +81,9 @@ def write_model_info(
     folder: str | Path, synth: SynthConfig | None, num_inference_steps: int, guidance_scale: float, **extra
 ) -> Path:
     """Write `xmdpt_default.json` beside a saved pipeline (`extra`: more keys, e.g. how it was trained)."""
-    info = {} if synth is None else {**synth.__dict__, "size": list(synth.size)}
+    info = (
+        {} if synth is None else {**synth.__dict__, "size": list(synth.size), "pattern_cell": list(synth.pattern_cell)}
+    )
     info.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **extra)
     path = Path(folder) / INFO_FILE
     path.write_text(json.dumps(info, indent=1) + "\n")
@@ -120,14 +124,18 @@ def _check_local_folder(path: Path) -> None:
 
 @contextmanager
 def _quiet_loading():
-    """No per-component loading bar: it is noise on the one-line error contract of the CLI."""
+    """No per-component loading bar and no warnings (e.g. "Couldn't connect to the Hub ... will try the local
+    cache", printed before an offline miss): they are noise on the one-line error contract of the CLI."""
     from diffusers.utils import logging as diffusers_logging
 
     was_enabled = diffusers_logging.is_progress_bar_enabled()
+    verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
     try:
         yield
     finally:
+        diffusers_logging.set_verbosity(verbosity)
         if was_enabled:
             diffusers_logging.enable_progress_bar()
 
@@ -148,6 +156,8 @@ def load_pipeline(model: str | Path | None = None, device: str | torch.device | 
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as err:
         # Offline Hub misses, corrupt safetensors and mismatched configs all land here; one line says which.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not local and "not fully cached locally" in first:
+            first = "not a local folder, and not in the Hugging Face cache while the Hub cannot be reached"
         raise InputError(f"{model or path}: cannot load the pipeline ({first})") from None
     if not isinstance(pipe, XMDPTPipeline):
         raise InputError(f"{model or path}: loads as {type(pipe).__name__}, not an xmdpt pipeline")

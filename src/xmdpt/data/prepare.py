@@ -47,16 +47,19 @@ class PrepareReport:
 def split_names(splits_dir: Path) -> dict[str, list[str]]:
     """Image names per split, from the pair files (both columns), annotation files and .lst files present."""
     names: dict[str, list[str]] = {}
+    present = []  # split files that exist, so that an empty one is named as empty rather than missing
     for split in SPLITS:
         found: dict[str, None] = {}  # ordered set
         pairs = splits_dir / f"fasion-resize-pairs-{split}.csv"
         if pairs.is_file():
+            present.append(pairs.name)
             for number, row in _csv_rows(pairs, ",", ("from", "to")):
                 if len(row) != 2 or not all(c.strip() for c in row):
                     raise InputError(f"{pairs}:{number}: expected 'from,to' (two image names), got {','.join(row)!r}")
                 found.update(dict.fromkeys(c.strip() for c in row))
         annotation = splits_dir / f"fasion-resize-annotation-{split}.csv"
         if annotation.is_file():
+            present.append(annotation.name)
             for number, row in _csv_rows(annotation, ":", ("name", "keypoints_y", "keypoints_x")):
                 if len(row) != 3:
                     raise InputError(
@@ -65,9 +68,12 @@ def split_names(splits_dir: Path) -> dict[str, list[str]]:
                 found[row[0].strip()] = None
         listing = splits_dir / f"{split}.lst"
         if listing.is_file():
+            present.append(listing.name)
             found.update(dict.fromkeys(line.strip() for line in listing.read_text().splitlines() if line.strip()))
         if found:
             names[split] = list(found)
+    if not names and present:
+        raise InputError(f"{splits_dir}: the split files name no images ({', '.join(present)})")
     if not names:
         raise InputError(
             f"{splits_dir}: no split files found (fasion-resize-pairs-{{train,test}}.csv, "

@@ -27,7 +27,9 @@ CFLD), so numbers match theirs given the same statistics.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import re
@@ -244,8 +246,14 @@ def pretrained_state(
         return weights
     if weights is not None:
         return load_state_file(weights)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision_weights.url).name
+    if not cached.is_file():
+        logger.info("downloading %s to %s", torchvision_weights.url, cached)
     try:
-        return torchvision_weights.get_state_dict(progress=False)
+        # torch.hub prints its own "Downloading: ..." line to stdout, even offline right before failing; the
+        # log line above says the same where it is true, and the error below is the one line the CLI prints.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return torchvision_weights.get_state_dict(progress=False)
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise InputError(
             f"{what} are not in the torch hub cache and cannot be downloaded ({error}); "
