@@ -102,6 +102,25 @@ def test_other_samplers_run(pipe, sampler):
         assert pipe._sampler_input(torch.zeros(1, 8, 8, 6), 4).shape[1] == 4
 
 
+def test_ddpm_keeps_a_drifted_learned_variance_inside_its_range(pipe):
+    """An under-trained v far outside [-1, 1] would extrapolate Eq. 15's log-variance on the respaced schedule and
+    blow the sample up (the embedded model's did at 50 steps); clamped, it samples as any v >= 1 does."""
+    pipe.scheduler = make_sampling_scheduler("ddpm", pipe.scheduler.config)
+    ref, pose = inputs()
+    bias = pipe.denoiser.final_layer.linear.bias
+    C = pipe.denoiser.config.in_channels
+    is_v = torch.arange(bias.numel()) % (2 * C) >= C  # the last dimension of a token's output is (p, p, 2C)
+    images = {}
+    for shift in (3.0, 8.0):
+        with torch.no_grad():
+            bias[is_v] = shift  # v about `shift` everywhere (the random weights add little)
+        images[shift] = run(pipe, ref, pose, num_inference_steps=50)
+    assert torch.isfinite(images[8.0]).all() and images[8.0].abs().max() < 10
+    torch.testing.assert_close(images[8.0], images[3.0], rtol=0, atol=0)
+    inside = torch.linspace(-1, 1, 4 * 8 * 6).reshape(1, 4, 8, 6)
+    assert torch.equal(pipe._sampler_input(torch.cat([inside, inside], 1), 4)[:, 4:], inside)  # in range: as is
+
+
 def test_unknown_sampler_is_an_input_error():
     with pytest.raises(InputError, match="unknown sampler"):
         make_sampling_scheduler("euler-magic", make_train_scheduler().config)

@@ -129,7 +129,12 @@ class XMDPTPipeline(DiffusionPipeline):
         # DDPM's learned-range variance uses the v channels; the other samplers take the prediction alone.
         learned = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
         if isinstance(self.scheduler, DDPMScheduler) and learned:
-            return output
+            # Eq. 15 of Improved DDPM interpolates between the two log-variances with frac = (v + 1) / 2; a v outside
+            # [-1, 1] extrapolates beyond both. Where the training schedule's two bounds nearly coincide (most t of
+            # T = 1000) L_vb barely constrains v, so an under-trained model drifts there (|v| up to 5 in the embedded
+            # one), and on a respaced schedule, whose bounds lie far apart, the extrapolated noise blows up sampling.
+            # Clamping keeps Eq. 15 an interpolation; a well-trained model's v lies inside and is unchanged.
+            return torch.cat([output[:, :channels], output[:, channels:].clamp(-1, 1)], dim=1)
         return output[:, :channels]
 
     def guided_prediction(
