@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from xmdpt.default_model import write_model_info
 from xmdpt.diffusion import make_train_scheduler
-from xmdpt.pipeline import XMDPTPipeline, make_sampling_scheduler
+from xmdpt.pipeline import SAMPLERS, XMDPTPipeline, make_sampling_scheduler
 from xmdpt.training.build import build_codec, build_denoiser, build_encoders, synth_config
 from xmdpt.training.config import load_config
 
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--weights", choices=["ema", "model"], default="ema")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the saved scheduler: the default sampler")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="of the stored weights")
     parser.add_argument("--config", default="configs/synthetic-cpu.yaml", help="recorded: the config that trained it")
@@ -60,7 +61,7 @@ def main() -> None:
     denoiser.load_state_dict(den)
     pose_encoder.load_state_dict(strip(weights, prefix + "pose_encoder."))
     reference_encoder.load_state_dict(strip(weights, prefix + "reference_encoder."))
-    scheduler = make_sampling_scheduler("ddim", make_train_scheduler(config.objective.prediction_type).config)
+    scheduler = make_sampling_scheduler(args.sampler, make_train_scheduler(config.objective.prediction_type).config)
     pipe = XMDPTPipeline(denoiser.eval(), codec, pose_encoder.eval(), reference_encoder.eval(), scheduler)
 
     shutil.rmtree(args.out, ignore_errors=True)

@@ -103,3 +103,54 @@ def test_a_second_set_is_not_written_over_the_first_and_settings_are_checked(tmp
         main(["data", "synth", str(tmp_path / "s"), "--num-identities", "4"])
     assert done.value.code == 2 and "already holds" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "s").rglob("*")) == before
+
+
+def stripe_runs(identity, config) -> list[int]:
+    """Lengths of the vertical runs of the shirt's two colours down the torso's centre line, in a front view."""
+    from xmdpt.data.synthetic import draw_figure, random_pose
+
+    pose, front = random_pose(identity, np.random.default_rng(0), config.size)
+    image, _ = draw_figure(identity, pose, front)
+    neck, hip = pose.xy[1], (pose.xy[8] + pose.xy[11]) / 2
+    x = int(round(neck[0]))
+    column = image[int(neck[1]) + 2 : int(hip[1]) - 1, x]
+    colours = [tuple(c) for c in column if tuple(c) in identity.shirt]
+    runs, length = [], 1
+    for a, b in zip(colours[:-1], colours[1:], strict=True):
+        if a == b:
+            length += 1
+        else:
+            runs.append(length)
+            length = 1
+    return runs[1:]  # whole runs only: the first may be cut by the neckline
+
+
+def test_pattern_cell_sets_the_stripe_width_in_pixels(tmp_path):
+    from dataclasses import replace
+
+    size = (256, 176)  # big enough that a run's length measures the cell size to a pixel or two
+    bold, fine = SynthConfig(size=size, pattern_cell=(0.08, 0.14)), SynthConfig(size=size, pattern_cell=(0.025, 0.025))
+    identity = replace(
+        make_identity(0, 1, bold.pattern_cell), shirt_pattern="stripes", shirt=((250, 0, 0), (0, 0, 250))
+    )
+    unit = identity.height * size[0]
+    assert 0.08 <= identity.period <= 0.14
+    runs = stripe_runs(identity, bold)
+    assert runs and all(abs(r - identity.period * unit) <= 1.5 for r in runs), (runs, identity.period * unit)
+    fine_identity = replace(identity, period=make_identity(0, 1, fine.pattern_cell).period)
+    assert fine_identity.period == 0.025
+    fine_runs = stripe_runs(fine_identity, fine)
+    assert len(fine_runs) > len(runs) and all(abs(r - 0.025 * unit) <= 1.5 for r in fine_runs)
+    # The same seed and index draw the same clothes at either scale; only the cell size differs.
+    assert replace(make_identity(0, 1), period=0.0) == replace(make_identity(0, 1, (0.08, 0.14)), period=0.0)
+    assert 0.025 <= make_identity(0, 1).period <= 0.06  # the default range
+    # The range is recorded beside the set, validated, and settable from the command line.
+    generate(
+        tmp_path / "s", SynthConfig(num_identities=2, poses_per_identity=2, pattern_cell=(0.1, 0.12)), progress=False
+    )
+    assert json.loads((tmp_path / "s" / "synth.json").read_text())["pattern_cell"] == [0.1, 0.12]
+    for bad in ((0.0, 0.1), (0.2, 0.1), (0.1,), "wide"):
+        with pytest.raises(InputError, match="pattern_cell"):
+            SynthConfig(pattern_cell=bad)
+    main(["data", "synth", str(tmp_path / "c"), "--num-identities", "2", "--pattern-cell", "0.05", "0.06"])
+    assert json.loads((tmp_path / "c" / "synth.json").read_text())["pattern_cell"] == [0.05, 0.06]

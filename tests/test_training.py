@@ -1,5 +1,6 @@
 """Training: configs, the loop, checkpoints, exact resume after SIGKILL, two-process DDP, faults, TensorBoard."""
 
+import copy
 import json
 import os
 import signal
@@ -359,6 +360,32 @@ def test_ctrl_c_writes_a_checkpoint(synth_root, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint(synth_root, tmp_path):
+    """A cluster's pre-emption sends SIGTERM: the run finishes its step, writes a checkpoint and returns, where the
+    default action would lose everything since the last checkpoint."""
+    from xmdpt.training.trainer import Trainer
+
+    config = load_config(
+        None, overrides(synth_root, tmp_path / "run", "optim.max_steps=50", "run.checkpoint_every=100")
+    )
+    trainer = Trainer(config)
+    original = trainer.update_ema
+
+    def update():
+        original()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.update_ema = update
+    before = signal.getsignal(signal.SIGTERM)
+    result = trainer.train()
+    assert result.interrupted and result.step == 3
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only while training
+    resumed = Trainer(config, resume=True)
+    assert resumed.step == 3
+
+
 def published_setup(tiny_hub) -> list[str]:
     """Frozen DINOv2 encoders and SD-VAE latents, with tiny stand-ins from the `tiny_hub` fixture."""
     return [
@@ -491,3 +518,50 @@ def test_init_from_adds_reference_attention_to_a_trained_model(synth_root, tmp_p
         )
     with pytest.raises(InputError, match="cannot read the weights"):
         Trainer(load_config(None, overrides(synth_root, tmp_path / "b", f"model.init_from={tmp_path / 'nowhere'}")))
+
+    # A saved pipeline folder (e.g. the embedded default) is a starting point too: its float16 or float32 weights
+    # load into the denoiser and the learned encoders, and the training-only side blocks start afresh.
+    (start / "pipeline" / "denoiser" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "moved")
+    with pytest.raises(InputError, match="denoiser.*cannot read the weights"):
+        Trainer(load_config(None, overrides(synth_root, tmp_path / "c", f"model.init_from={start / 'pipeline'}")))
+    (tmp_path / "moved").rename(start / "pipeline" / "denoiser" / "diffusion_pytorch_model.safetensors")
+    # what ship_default_model --dtype float16 writes
+    copy.deepcopy(saved.denoiser).to(torch.float16).save_pretrained(tmp_path / "half" / "denoiser")
+    for name in ("pose_encoder", "reference_encoder", "codec", "scheduler"):
+        getattr(saved, name).save_pretrained(tmp_path / "half" / name)
+    (tmp_path / "half" / "model_index.json").write_text((start / "pipeline" / "model_index.json").read_text())
+    for folder in (start / "pipeline", tmp_path / "half"):
+        with caplog.at_level("INFO", logger="xmdpt.training.trainer"):
+            caplog.clear()
+            trainer = Trainer(
+                load_config(None, overrides(synth_root, tmp_path / folder.name, f"model.init_from={folder}"))
+            )
+        atol = 0 if folder.name == "pipeline" else 2e-2
+        x = tiny_inputs(trainer.denoiser, batch=2)
+        torch.testing.assert_close(trainer.denoiser(**x), saved.denoiser(**x), rtol=0, atol=atol)
+        for name in ("pose_encoder", "reference_encoder"):
+            for key, value in getattr(saved, name).state_dict().items():
+                torch.testing.assert_close(getattr(trainer, name).state_dict()[key], value, rtol=0, atol=atol)
+        assert f"started from {folder}" in caplog.text
+
+
+def test_a_synthetic_run_reuses_a_set_only_with_its_pattern_scale(tmp_path):
+    from xmdpt.data.synthetic import SynthConfig
+    from xmdpt.default_model import read_model_info, write_model_info
+    from xmdpt.training.build import ensure_synthetic
+
+    root = tmp_path / "set"
+    base = ["data.layout=synthetic", f"data.root={root}", "data.synth_identities=3", "data.size=[32,24]"]
+    ensure_synthetic(load_config(None, base))
+    # A set written before pattern_cell existed has no such key: it was drawn with the default cells.
+    settings = json.loads((root / "synth.json").read_text())
+    assert settings.pop("pattern_cell") == [0.025, 0.06]
+    (root / "synth.json").write_text(json.dumps(settings))
+    ensure_synthetic(load_config(None, base))  # reused
+    with pytest.raises(InputError, match="holds another synthetic set"):
+        ensure_synthetic(load_config(None, [*base, "data.synth_pattern_cell=[0.08,0.14]"]))  # bolder than that set
+    with pytest.raises(InputError, match="pattern_cell"):
+        load_config(None, [*base, "data.synth_pattern_cell=[0.2,0.1]"])
+    # The range travels with an exported model, so that `xmdpt demo --model` draws the people it was trained on.
+    write_model_info(tmp_path, SynthConfig(size=(32, 24), pattern_cell=(0.08, 0.14)), 25, 1.0)
+    assert read_model_info(tmp_path).synth.pattern_cell == (0.08, 0.14)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from xmdpt.data.synthetic import LEGACY_PATTERN_CELL, SynthConfig
+from xmdpt.data.synthetic import SynthConfig
 from xmdpt.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,7 @@ def read_model_info(folder: str | Path | None) -> ModelInfo:
         synth_keys = {f.name for f in fields(SynthConfig)} & obj.keys()
         synth = None
         if "size" in synth_keys:
-            # A model info written before pattern_cell existed describes a set drawn with the legacy cells.
-            given = {"pattern_cell": LEGACY_PATTERN_CELL} | {k: obj[k] for k in synth_keys}
-            synth = SynthConfig(**given | {"size": tuple(int(v) for v in obj["size"])})
+            synth = SynthConfig(**{k: obj[k] for k in synth_keys} | {"size": tuple(int(v) for v in obj["size"])})
         return ModelInfo(
             synth=synth,
             num_inference_steps=int(obj.get("num_inference_steps", DEFAULT_STEPS)),

@@ -114,7 +114,7 @@ def _view(
 def held_out_pairs(synth: SynthConfig, num_pairs: int, seed: int, size: tuple[int, int]) -> list[HeldOutPair]:
     pairs = []
     for index, k in choose_pairs(synth, num_pairs, seed):
-        identity = make_identity(synth.seed, index)
+        identity = make_identity(synth.seed, index, synth.pattern_cell)
         views = [_view(synth, identity, index, j, size) for j in range(max(synth.poses_per_identity, POSE_CANDIDATES))]
         t = (k + 1) % synth.poses_per_identity
         (ref_name, reference, _), (tgt_name, target, target_pose) = views[k], views[t]

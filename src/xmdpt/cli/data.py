@@ -61,11 +61,16 @@ def synth(
     poses_per_identity: Annotated[int, typer.Option(help="Images (poses) per identity.")] = 4,
     test_fraction: Annotated[float, typer.Option(help="Share of identities held out for the test split.")] = 0.1,
     masks: Annotated[bool, typer.Option(help="Also write figure masks to masks/.")] = True,
+    pattern_cell: Annotated[
+        tuple[float, float], typer.Option(help="Range of stripe / check cell sizes, figure units (LOW HIGH).")
+    ] = (0.025, 0.06),
 ) -> None:
     """Generate the synthetic data set of clothed articulated figures."""
     from xmdpt.data.synthetic import SynthConfig, generate
 
-    config = SynthConfig(num_identities, poses_per_identity, parse_size(size), seed, test_fraction, masks)
+    config = SynthConfig(
+        num_identities, poses_per_identity, parse_size(size), seed, test_fraction, masks, pattern_cell
+    )
     counts = generate(out_dir, config)
     typer.echo(", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
 

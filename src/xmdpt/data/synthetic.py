@@ -52,8 +52,21 @@ class SynthConfig:
     seed: int = 0
     test_fraction: float = 0.1  # share of identities held out for the test split
     masks: bool = True
+    # Range of the stripe / check cell size, figure units (a figure is 0.78-0.9 of the image height): 1.25-3.5 px
+    # cells at 64x48, 5-14 px at 256x176. (0.08, 0.14) draws bold 4-8 px cells at 64x48 (see README).
+    pattern_cell: tuple[float, float] = (0.025, 0.06)
 
     def __post_init__(self) -> None:
+        try:
+            cell = tuple(float(v) for v in self.pattern_cell)  # a JSON or YAML list too
+        except (TypeError, ValueError):
+            cell = ()
+        if len(cell) != 2:
+            raise InputError(f"pattern_cell must be two numbers (low, high), got {self.pattern_cell!r}")
+        object.__setattr__(self, "pattern_cell", cell)
+        low, high = cell
+        if not 0 < low <= high:
+            raise InputError(f"pattern_cell must be a range 0 < low <= high (figure units), got {self.pattern_cell}")
         if self.seed < 0:
             raise InputError(f"the synthetic set's seed must be >= 0, got {self.seed}")
         if not 0 < self.test_fraction < 1:
@@ -79,11 +92,11 @@ class Identity:
     trouser_pattern: str
     shorts: bool
     shoes: tuple[int, int, int]
-    period: float  # pattern period, figure units
+    period: float  # stripe / check cell size, figure units
     background: tuple[tuple[int, int, int], tuple[int, int, int]]  # top and bottom colour (equal = plain)
 
 
-def make_identity(seed: int, index: int) -> Identity:
+def make_identity(seed: int, index: int, pattern_cell: tuple[float, float] = SynthConfig.pattern_cell) -> Identity:
     rng = np.random.default_rng([seed, index])
 
     def colour(low: int = 0, high: int = 256) -> tuple[int, int, int]:
@@ -110,7 +123,7 @@ def make_identity(seed: int, index: int) -> Identity:
         trouser_pattern=str(rng.choice(["plain", "plain", "stripes", "checks"])),
         shorts=bool(rng.random() < 0.3),
         shoes=colour(0, 120),
-        period=float(rng.uniform(0.025, 0.06)),
+        period=float(rng.uniform(*pattern_cell)),
         background=(top, bottom),
     )
 
@@ -284,7 +297,7 @@ def generate(out_dir: str | Path, config: SynthConfig, progress: bool = True) ->
             (out / "masks").mkdir(exist_ok=True)
         annotations, pairs = [], []
         for index in tqdm(identities, desc=f"synth {split}", disable=not progress, unit="identity"):
-            identity = make_identity(config.seed, index)
+            identity = make_identity(config.seed, index, config.pattern_cell)
             names = []
             for k in range(config.poses_per_identity):
                 name, image, mask, pose = render_view(config, identity, index, k)
@@ -304,7 +317,8 @@ def generate(out_dir: str | Path, config: SynthConfig, progress: bool = True) ->
             out / f"fasion-resize-annotation-{split}.csv", ":", ("name", "keypoints_y", "keypoints_x"), annotations
         )
         counts[f"{split}_images"], counts[f"{split}_pairs"] = len(annotations), len(pairs)
-    settings = asdict(config) | {"size": list(config.size), "format": "deepfashion-csv", **counts}
+    lists = {"size": list(config.size), "pattern_cell": list(config.pattern_cell)}
+    settings = asdict(config) | lists | {"format": "deepfashion-csv", **counts}
     (out / "synth.json").write_text(json.dumps(settings, indent=1) + "\n")
     log.debug("synthetic set in %s: %s", out, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     return counts

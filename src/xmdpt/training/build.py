@@ -96,7 +96,11 @@ def synth_config(config: TrainConfig):
 
     d = config.data
     return SynthConfig(
-        num_identities=d.synth_identities, poses_per_identity=d.synth_poses, size=tuple(d.size), seed=d.synth_seed
+        num_identities=d.synth_identities,
+        poses_per_identity=d.synth_poses,
+        size=tuple(d.size),
+        seed=d.synth_seed,
+        pattern_cell=tuple(d.synth_pattern_cell),
     )
 
 
@@ -104,14 +108,16 @@ def ensure_synthetic(config: TrainConfig) -> None:
     """Generate the synthetic set into data.root unless a set with these settings is already there."""
     import json
 
-    from xmdpt.data.synthetic import generate
+    from xmdpt.data.synthetic import SynthConfig, generate
 
     d = config.data
     synth = synth_config(config)
     marker = Path(d.root) / "synth.json"
     if marker.is_file():
         saved = json.loads(marker.read_text())
-        if all(saved.get(k) == v for k, v in (("num_identities", synth.num_identities), ("seed", synth.seed))):
+        wanted = {"num_identities": synth.num_identities, "seed": synth.seed, "pattern_cell": list(synth.pattern_cell)}
+        saved.setdefault("pattern_cell", list(SynthConfig.pattern_cell))  # a set from before the option
+        if all(saved.get(k) == v for k, v in wanted.items()):
             return
         raise InputError(f"{d.root}: holds another synthetic set (synth.json differs); choose another data.root")
     log.info("generating the synthetic set in %s", d.root)

@@ -64,6 +64,7 @@ class DataConfig:
     synth_identities: int = 1000
     synth_poses: int = 4
     synth_seed: int = 0
+    synth_pattern_cell: list[float] = field(default_factory=lambda: [0.025, 0.06])  # stripe/check cells, figure units
 
 
 @dataclass
@@ -163,6 +164,10 @@ def validate(config: TrainConfig) -> None:
 
     if config.model.preset is not None and config.model.preset not in XMDPT_PRESETS:
         raise InputError(f"model.preset={config.model.preset!r}: choose one of {', '.join(XMDPT_PRESETS)} or null")
+    if config.data.layout == "synthetic":
+        from xmdpt.data.synthetic import SynthConfig
+
+        SynthConfig(seed=config.data.synth_seed, pattern_cell=config.data.synth_pattern_cell)  # raises on bad values
     o = config.optim
     if o.max_steps < 0:
         raise InputError(f"optim.max_steps={o.max_steps} must be >= 0")

@@ -21,7 +21,10 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +158,27 @@ class TrainResult:
 #################################################################################
 
 
+@contextmanager
+def stop_on_sigterm():
+    """While training, SIGTERM (a cluster's pre-emption or time limit, `kill`, torchrun passing one on) asks the
+    loop to stop after the current step and write a checkpoint, as Ctrl-C does, instead of dying between
+    checkpoints. Yields the flag the loop polls. Outside the main thread (where handlers cannot be set) it is
+    never raised."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested.set()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
@@ -249,69 +273,87 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Train to optim.max_steps. Ctrl-C or SIGTERM stops early with a checkpoint of the last whole step."""
+        total, main = self.config.optim.max_steps, self.accelerator.is_main_process
+        bar = tqdm(total=total, initial=self.step, disable=not main, desc="train", unit="step")
+        self.step_module.train()
+        try:
+            with stop_on_sigterm() as stop:
+                return self._loop(bar, stop)
+        except KeyboardInterrupt:
+            return self._interrupted(bar)
+
+    def _interrupted(self, bar) -> TrainResult:
+        log.warning("interrupted at step %d: writing a checkpoint", self.step)
+        if self.step and (self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}")):
+            self.save_checkpoint()
+        bar.close()
+        return TrainResult(self.step, self.last_checkpoint, interrupted=True)
+
+    def _stop_requested(self, stop: threading.Event) -> bool:
+        """Whether any process was sent SIGTERM; every process must agree, or the others would wait forever in
+        the next step's gradient all-reduce."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return stop.is_set()
+        flag = torch.tensor([float(stop.is_set())], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
+    def _loop(self, bar: tqdm, stop: threading.Event) -> TrainResult:
         o, r, acc = self.config.optim, self.config.run, self.accelerator
         micro = o.batch_size // o.grad_accum
         local = micro // acc.num_processes
-        bar = tqdm(total=o.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train", unit="step")
         window_start, window_samples = time.perf_counter(), 0
         micro_index = self.step * o.grad_accum
-        self.step_module.train()
-        try:
-            for batch in self.loader():
-                if self.step >= o.max_steps:
-                    break
-                draws = self.objective.draw(
-                    (micro, self.denoiser.config.in_channels, *self.denoiser.config.sample_size),
-                    self.denoiser.num_tokens,
-                    torch.Generator().manual_seed(draw_seed(r.seed, micro_index)),
-                )
-                rank = acc.process_index
-                draws = draws[rank * local : (rank + 1) * local].to(acc.device)
-                vae_generator = torch.Generator().manual_seed(draw_seed(r.seed + rank + 1, micro_index))
-                micro_index += 1
-                with acc.accumulate(self.step_module):
-                    loss, full, masked = self.forward(batch, draws, vae_generator)
-                    if not self.all_finite(loss):
-                        if r.on_nan == "stop":
-                            raise NonFiniteLoss(
-                                f"non-finite loss at step {self.step + 1}; stopped. The last good checkpoint is "
-                                f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
-                            )
-                        self.skipped_nan += 1
-                        log.warning(
-                            "non-finite loss at step %d: step skipped (%d so far)", self.step + 1, self.skipped_nan
+        for batch in self.loader():
+            if self.step >= o.max_steps:
+                break
+            draws = self.objective.draw(
+                (micro, self.denoiser.config.in_channels, *self.denoiser.config.sample_size),
+                self.denoiser.num_tokens,
+                torch.Generator().manual_seed(draw_seed(r.seed, micro_index)),
+            )
+            rank = acc.process_index
+            draws = draws[rank * local : (rank + 1) * local].to(acc.device)
+            vae_generator = torch.Generator().manual_seed(draw_seed(r.seed + rank + 1, micro_index))
+            micro_index += 1
+            with acc.accumulate(self.step_module):
+                loss, full, masked = self.forward(batch, draws, vae_generator)
+                if not self.all_finite(loss):
+                    if r.on_nan == "stop":
+                        raise NonFiniteLoss(
+                            f"non-finite loss at step {self.step + 1}; stopped. The last good checkpoint is "
+                            f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
                         )
-                        self.optimizer.zero_grad(set_to_none=True)
-                        continue
-                    acc.backward(loss)
-                    if acc.sync_gradients and o.grad_clip:
-                        acc.clip_grad_norm_(self.step_module.parameters(), o.grad_clip)
-                    self.optimizer.step()
+                    self.skipped_nan += 1
+                    log.warning(
+                        "non-finite loss at step %d: step skipped (%d so far)", self.step + 1, self.skipped_nan
+                    )
                     self.optimizer.zero_grad(set_to_none=True)
-                window_samples += micro
-                if not acc.sync_gradients:
                     continue
-                self.step += 1
-                self.lr_schedule.step()
-                self.update_ema()
-                bar.update(1)
-                if self.step % r.log_every == 0 or self.step == o.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    self.log_scalars(loss, full, masked, window_samples / max(elapsed, 1e-9))
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                    window_start, window_samples = time.perf_counter(), 0
-                if r.sample_every and self.step % r.sample_every == 0:
-                    self.sample_grid()
-                if self.step % r.checkpoint_every == 0 or self.step == o.max_steps:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d: writing a checkpoint", self.step)
-            if self.step and (
-                self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}")
-            ):
+                acc.backward(loss)
+                if acc.sync_gradients and o.grad_clip:
+                    acc.clip_grad_norm_(self.step_module.parameters(), o.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window_samples += micro
+            if not acc.sync_gradients:
+                continue
+            self.step += 1
+            self.lr_schedule.step()
+            self.update_ema()
+            bar.update(1)
+            if self.step % r.log_every == 0 or self.step == o.max_steps:
+                elapsed = time.perf_counter() - window_start
+                self.log_scalars(loss, full, masked, window_samples / max(elapsed, 1e-9))
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                window_start, window_samples = time.perf_counter(), 0
+            if r.sample_every and self.step % r.sample_every == 0:
+                self.sample_grid()
+            if self.step % r.checkpoint_every == 0 or self.step == o.max_steps:
                 self.save_checkpoint()
-            bar.close()
-            return TrainResult(self.step, self.last_checkpoint, interrupted=True)
+            if self._stop_requested(stop):
+                return self._interrupted(bar)
         bar.close()
         self.finish()
         return TrainResult(self.step, self.last_checkpoint)
@@ -493,16 +535,20 @@ class Trainer:
         log.info("resumed from %s at step %d", folder, self.step)
 
     def initialise_from(self, folder: Path) -> None:
-        """Load a checkpoint's EMA weights into the trainable modules (before the EMA copies them). Every saved
-        tensor must fit; modules the checkpoint lacks keep their initialisation, which for reference attention
+        """Load a checkpoint's EMA weights, or a saved pipeline's weights (a folder with model_index.json, e.g. the
+        embedded default), into the trainable modules (before the EMA copies them). Every saved tensor must fit;
+        modules the source lacks keep their initialisation, which for reference attention and the refiner
         computes the saved model's function exactly (see XMDPTBlock)."""
-        path = folder / "ema.safetensors"
-        try:
-            saved = load_file(path)
-        except (OSError, SafetensorError) as err:
-            raise InputError(f"{path}: cannot read the weights to start from ({str(err).splitlines()[0]})") from None
-        state = {k.removeprefix("module."): v for k, v in saved.items() if k.startswith("module.")}
         trainable = self.step_module.trainable
+        state = {}
+        if (folder / "model_index.json").is_file():
+            for name in trainable:  # the pipeline's components are named as the trainable modules
+                path = folder / name / "diffusion_pytorch_model.safetensors"
+                saved = self._read_weights(path)
+                state.update({f"{name}.{k}": v.float() for k, v in saved.items()})
+        else:
+            saved = self._read_weights(folder / "ema.safetensors")
+            state = {k.removeprefix("module."): v for k, v in saved.items() if k.startswith("module.")}
         own = trainable.state_dict()
         misfits = [k for k in state if k not in own or own[k].shape != state[k].shape]
         if misfits or not state:
@@ -511,6 +557,13 @@ class Trainer:
         missing = trainable.load_state_dict(state, strict=False).missing_keys
         new = new_modules(missing, state)
         log.info("started from %s; newly initialised: %s", folder, ", ".join(new) or "nothing")
+
+    @staticmethod
+    def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(path)
+        except (OSError, SafetensorError) as err:
+            raise InputError(f"{path}: cannot read the weights to start from ({str(err).splitlines()[0]})") from None
 
     def finish(self) -> None:
         """Check that every process holds the same weights, and write the run summary."""
