@@ -121,6 +121,21 @@ def test_ddpm_keeps_a_drifted_learned_variance_inside_its_range(pipe):
     assert torch.equal(pipe._sampler_input(torch.cat([inside, inside], 1), 4)[:, 4:], inside)  # in range: as is
 
 
+@pytest.mark.parametrize("name", ["UniPCMultistepScheduler", "EulerDiscreteScheduler"])
+def test_any_diffusers_scheduler_swaps_in_by_from_config(pipe, name):
+    """UniPC's step() takes no generator and Euler scales its inputs; both sample as diffusers' pipelines run them."""
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    ref, pose = inputs()
+    first, again = run(pipe, ref, pose, num_inference_steps=5), run(pipe, ref, pose, num_inference_steps=5)
+    assert first.shape == (2, 3, 64, 48) and torch.isfinite(first).all()
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(
+        first, run(pipe, ref, pose, num_inference_steps=5, generator=torch.Generator().manual_seed(1))
+    )
+
+
 def test_unknown_sampler_is_an_input_error():
     with pytest.raises(InputError, match="unknown sampler"):
         make_sampling_scheduler("euler-magic", make_train_scheduler().config)

@@ -16,6 +16,7 @@ Turning photos, paths, keypoint files and driving photos into the model's tensor
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -217,6 +218,10 @@ class XMDPTPipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=self.denoiser.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
+        # As diffusers' pipelines do: only the stochastic schedulers take a generator (UniPC's step() refuses one).
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             model_input = self.scheduler.scale_model_input(latents, t)
             if public_schedule:
@@ -231,7 +236,7 @@ class XMDPTPipeline(DiffusionPipeline):
                     conditions.get("pose_map"),
                     conditions.get("reference_memory"),
                 )
-            latents = self.scheduler.step(self._sampler_input(out, C), t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(self._sampler_input(out, C), t, latents, **step_kwargs).prev_sample
         return latents
 
     @torch.no_grad()
