@@ -67,6 +67,7 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     pipe.to(getattr(torch, args.dtype)).save_pretrained(args.out)
     trained = {"config": args.config, "step": state["step"], "weights": args.weights, "stored_as": args.dtype}
+    trained["sampler"] = args.sampler
     if config.model.init_from:
         trained["init_from"] = config.model.init_from
     write_model_info(args.out, synth_config(config), args.steps, args.guidance, trained=trained)

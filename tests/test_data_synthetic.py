@@ -149,7 +149,7 @@ def test_pattern_cell_sets_the_stripe_width_in_pixels(tmp_path):
         tmp_path / "s", SynthConfig(num_identities=2, poses_per_identity=2, pattern_cell=(0.1, 0.12)), progress=False
     )
     assert json.loads((tmp_path / "s" / "synth.json").read_text())["pattern_cell"] == [0.1, 0.12]
-    for bad in ((0.0, 0.1), (0.2, 0.1), (0.1,), "wide"):
+    for bad in ((0.0, 0.1), (0.2, 0.1), (0.1,), "wide", "12", (0.1, float("inf")), (float("nan"), 0.1)):
         with pytest.raises(InputError, match="pattern_cell"):
             SynthConfig(pattern_cell=bad)
     main(["data", "synth", str(tmp_path / "c"), "--num-identities", "2", "--pattern-cell", "0.05", "0.06"])

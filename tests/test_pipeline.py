@@ -136,6 +136,20 @@ def test_any_diffusers_scheduler_swaps_in_by_from_config(pipe, name):
     )
 
 
+def test_set_sampler_gives_ddpm_the_denoisers_variance_whatever_the_current_scheduler(pipe):
+    """The embedded model ships with DPM-Solver++, whose config has no variance type; DDPM must still use the
+    learned variance of a learn_sigma model, and a fixed one otherwise."""
+    pipe.set_sampler("dpmsolver++")
+    assert pipe.scheduler.config.variance_type is None
+    pipe.set_sampler("ddpm")
+    assert isinstance(pipe.scheduler, DDPMScheduler) and pipe.scheduler.config.variance_type == "learned_range"
+    assert pipe._sampler_input(torch.zeros(1, 8, 8, 6), 4).shape[1] == 8
+    pipe.denoiser.register_to_config(learn_sigma=False)  # as a model trained without it would say
+    pipe.set_sampler("ddpm")
+    assert pipe.scheduler.config.variance_type == "fixed_small"
+    assert pipe._sampler_input(torch.zeros(1, 8, 8, 6), 4).shape[1] == 4
+
+
 def test_unknown_sampler_is_an_input_error():
     with pytest.raises(InputError, match="unknown sampler"):
         make_sampling_scheduler("euler-magic", make_train_scheduler().config)

@@ -385,6 +385,21 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(synth_root, tmp_path):
     resumed = Trainer(config, resume=True)
     assert resumed.step == 3
 
+    # A SIGTERM in the last step changes nothing: the run is complete, and says so.
+    done = load_config(None, overrides(synth_root, tmp_path / "done", "optim.max_steps=2"))
+    trainer = Trainer(done)
+    original_last = trainer.update_ema
+
+    def update_last():
+        original_last()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.update_ema = update_last
+    result = trainer.train()
+    assert not result.interrupted and result.step == 2
+    assert json.loads((tmp_path / "done" / "run_summary.json").read_text())["step"] == 2
+
 
 def published_setup(tiny_hub) -> list[str]:
     """Frozen DINOv2 encoders and SD-VAE latents, with tiny stand-ins from the `tiny_hub` fixture."""

@@ -6,11 +6,13 @@ The default is a small pixel-space X-MDPT trained on the synthetic set, shipped 
 
 Beside the pipeline, `xmdpt_default.json` records how the model was made and how to sample it:
 
-    {"num_identities": 2000, "poses_per_identity": 4, "size": [64, 44], "seed": 0, "test_fraction": 0.1,
-     "num_inference_steps": 25, "guidance_scale": 1.5}
+    {"num_identities": 2000, "poses_per_identity": 4, "size": [64, 48], "seed": 0, "test_fraction": 0.1,
+     "masks": true, "pattern_cell": [0.025, 0.06], "num_inference_steps": 25, "guidance_scale": 1.0,
+     "trained": {...}}
 
-the first five are the `SynthConfig` of the training set (the demo regenerates its held-out identities from them),
-the last two the sampling defaults (optional; 50 and 2.0 otherwise). Any pipeline folder may carry this file.
+the `SynthConfig` fields describe the training set (the demo regenerates its held-out identities from them; missing
+ones take their defaults), `num_inference_steps` and `guidance_scale` the sampling defaults (optional; 50 and 2.0
+otherwise), and `trained` where the weights came from. Any pipeline folder may carry this file.
 """
 
 from __future__ import annotations

@@ -34,9 +34,13 @@ from xmdpt.pose.extract import PoseExtractor
 SAMPLERS = ("ddim", "dpmsolver++", "ddpm")
 
 
-def make_sampling_scheduler(name: str, train_config) -> DDIMScheduler | DPMSolverMultistepScheduler | DDPMScheduler:
+def make_sampling_scheduler(
+    name: str, train_config, learn_sigma: bool | None = None
+) -> DDIMScheduler | DPMSolverMultistepScheduler | DDPMScheduler:
     """A sampler on the training schedule. "ddim" (eta 0, no clipping, as published) and "dpmsolver++" use linspace
-    spacing, whose timesteps (999, 979, ..., 0 for 50 steps) are those of the public code's respaced DDIM."""
+    spacing, whose timesteps (999, 979, ..., 0 for 50 steps) are those of the public code's respaced DDIM.
+    `learn_sigma` (the denoiser's, as `XMDPTPipeline.set_sampler` passes it) decides DDPM's variance: learned-range
+    or fixed; None keeps `train_config`'s, which a DDIM or DPM-Solver config no longer holds."""
     if name == "ddim":
         return DDIMScheduler.from_config(train_config, timestep_spacing="linspace", clip_sample=False)
     if name == "dpmsolver++":
@@ -45,7 +49,9 @@ def make_sampling_scheduler(name: str, train_config) -> DDIMScheduler | DPMSolve
             train_config, algorithm_type="dpmsolver++", timestep_spacing="linspace", variance_type=None
         )
     if name == "ddpm":
-        return DDPMScheduler.from_config(train_config)
+        if learn_sigma is None:
+            return DDPMScheduler.from_config(train_config)
+        return DDPMScheduler.from_config(train_config, variance_type="learned_range" if learn_sigma else "fixed_small")
     raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
@@ -118,6 +124,11 @@ class XMDPTPipeline(DiffusionPipeline):
         keys = ("pose_features", "reference_features", "reference_latent")
         return self.denoiser.embed_condition(*(conditions[k] for k in keys), reference_tokens=reference_tokens)
 
+    def set_sampler(self, name: str) -> None:
+        """Swap the scheduler for one of `SAMPLERS` on the same training schedule ("ddpm" with this denoiser's
+        learned or fixed variance)."""
+        self.scheduler = make_sampling_scheduler(name, self.scheduler.config, self.denoiser.config.learn_sigma)
+
     def _check_inputs(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> None:
         size = self.image_size
         for name, x in (("reference_image", reference_image), ("pose_image", pose_image)):
@@ -128,8 +139,10 @@ class XMDPTPipeline(DiffusionPipeline):
 
     def _sampler_input(self, output: torch.Tensor, channels: int) -> torch.Tensor:
         # DDPM's learned-range variance uses the v channels; the other samplers take the prediction alone.
-        learned = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
-        if isinstance(self.scheduler, DDPMScheduler) and learned:
+        variance = getattr(self.scheduler.config, "variance_type", None)
+        if isinstance(self.scheduler, DDPMScheduler) and variance == "learned":
+            return output
+        if isinstance(self.scheduler, DDPMScheduler) and variance == "learned_range":
             # Eq. 15 of Improved DDPM interpolates between the two log-variances with frac = (v + 1) / 2; a v outside
             # [-1, 1] extrapolates beyond both. Where the training schedule's two bounds nearly coincide (most t of
             # T = 1000) L_vb barely constrains v, so an under-trained model drifts there (|v| up to 5 in the embedded

@@ -167,11 +167,10 @@ class Runner:
     @classmethod
     def load(cls, model, device, sampler, steps, guidance, seed, fit) -> Runner:
         from xmdpt.default_model import load_pipeline
-        from xmdpt.pipeline import make_sampling_scheduler
 
         pipe, info = load_pipeline(model, device)
         if sampler is not None:
-            pipe.scheduler = make_sampling_scheduler(sampler, pipe.scheduler.config)
+            pipe.set_sampler(sampler)
         steps = info.num_inference_steps if steps is None else steps
         guidance = info.guidance_scale if guidance is None else guidance
         return cls(pipe, steps, guidance, seed, fit)

@@ -58,6 +58,8 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         try:
+            if isinstance(self.pattern_cell, str | bytes):  # iterable, but not two numbers
+                raise TypeError
             cell = tuple(float(v) for v in self.pattern_cell)  # a JSON or YAML list too
         except (TypeError, ValueError):
             cell = ()
@@ -65,7 +67,7 @@ class SynthConfig:
             raise InputError(f"pattern_cell must be two numbers (low, high), got {self.pattern_cell!r}")
         object.__setattr__(self, "pattern_cell", cell)
         low, high = cell
-        if not 0 < low <= high:
+        if not 0 < low <= high < math.inf:
             raise InputError(f"pattern_cell must be a range 0 < low <= high (figure units), got {self.pattern_cell}")
         if self.seed < 0:
             raise InputError(f"the synthetic set's seed must be >= 0, got {self.seed}")

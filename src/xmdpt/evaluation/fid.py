@@ -247,18 +247,20 @@ def pretrained_state(
     if weights is not None:
         return load_state_file(weights)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision_weights.url).name
-    if not cached.is_file():
-        logger.info("downloading %s to %s", torchvision_weights.url, cached)
+    fetch = not cached.is_file()
     try:
-        # torch.hub prints its own "Downloading: ..." line to stdout, even offline right before failing; the
-        # log line above says the same where it is true, and the error below is the one line the CLI prints.
+        # torch.hub prints its own "Downloading: ..." line to stdout, even offline right before failing; the CLI
+        # then prints one line: the error below, or on success the log line after it.
         with contextlib.redirect_stdout(io.StringIO()):
-            return torchvision_weights.get_state_dict(progress=False)
+            state = torchvision_weights.get_state_dict(progress=False)
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise InputError(
             f"{what} are not in the torch hub cache and cannot be downloaded ({error}); "
             f"download {url} and give the file"
         ) from error
+    if fetch:
+        logger.info("downloaded %s to %s", torchvision_weights.url, cached)
+    return state
 
 
 def _load_strict(net: nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:

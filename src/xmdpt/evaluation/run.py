@@ -443,10 +443,9 @@ def _model_label(model: str | None) -> str:
 def _generation_settings(
     config: EvalConfig, pipe, model_info, eval_size: tuple[int, int], model: str
 ) -> GenerationSettings:
-    from xmdpt.pipeline import make_sampling_scheduler
 
     if config.sampler is not None:
-        pipe.scheduler = make_sampling_scheduler(config.sampler, pipe.scheduler.config)
+        pipe.set_sampler(config.sampler)
     info = model_info or ModelInfo()  # an in-memory pipeline has none: the defaults every command uses
     steps = config.steps if config.steps is not None else info.num_inference_steps
     guidance = config.guidance if config.guidance is not None else info.guidance_scale

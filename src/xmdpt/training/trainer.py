@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from xmdpt.default_model import DEFAULT_GUIDANCE, write_model_info
 from xmdpt.diffusion import LossDraws, XMDPTLoss, make_train_scheduler
-from xmdpt.errors import InputError
+from xmdpt.errors import InputError, describe
 from xmdpt.pipeline import XMDPTPipeline, make_sampling_scheduler, to_pil
 from xmdpt.training.build import build_codec, build_dataset, build_denoiser, build_encoders, synth_config
 from xmdpt.training.config import TrainConfig
@@ -306,8 +306,10 @@ class Trainer:
         window_start, window_samples = time.perf_counter(), 0
         micro_index = self.step * o.grad_accum
         for batch in self.loader():
-            if self.step >= o.max_steps:
+            if self.step >= o.max_steps:  # done: a SIGTERM now changes nothing
                 break
+            if self._stop_requested(stop):  # checked before every micro-batch, NaN-skipped ones included
+                return self._interrupted(bar)
             draws = self.objective.draw(
                 (micro, self.denoiser.config.in_channels, *self.denoiser.config.sample_size),
                 self.denoiser.num_tokens,
@@ -352,8 +354,6 @@ class Trainer:
                 self.sample_grid()
             if self.step % r.checkpoint_every == 0 or self.step == o.max_steps:
                 self.save_checkpoint()
-            if self._stop_requested(stop):
-                return self._interrupted(bar)
         bar.close()
         self.finish()
         return TrainResult(self.step, self.last_checkpoint)
@@ -536,15 +536,20 @@ class Trainer:
 
     def initialise_from(self, folder: Path) -> None:
         """Load a checkpoint's EMA weights, or a saved pipeline's weights (a folder with model_index.json, e.g. the
-        embedded default), into the trainable modules (before the EMA copies them). Every saved tensor must fit;
-        modules the source lacks keep their initialisation, which for reference attention and the refiner
-        computes the saved model's function exactly (see XMDPTBlock)."""
+        embedded default), into the trainable modules (before the EMA copies them). Every saved tensor must fit,
+        and a pipeline must hold every trainable component; submodules the source lacks (reference attention, the
+        refiner, a pipeline's training-only side blocks) keep their initialisation, which for reference attention
+        and the refiner computes the saved model's function exactly (see XMDPTBlock)."""
         trainable = self.step_module.trainable
         state = {}
         if (folder / "model_index.json").is_file():
-            for name in trainable:  # the pipeline's components are named as the trainable modules
-                path = folder / name / "diffusion_pytorch_model.safetensors"
-                saved = self._read_weights(path)
+            for name, module in trainable.items():  # the pipeline's components are named as the trainable modules
+                try:  # from_pretrained reads any dtype, sharded or .bin weights the way the pipeline loads them
+                    saved = type(module).from_pretrained(folder, subfolder=name).state_dict()
+                except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+                    raise InputError(
+                        f"{folder / name}: cannot read the weights to start from ({describe(err)})"
+                    ) from None
                 state.update({f"{name}.{k}": v.float() for k, v in saved.items()})
         else:
             saved = self._read_weights(folder / "ema.safetensors")
