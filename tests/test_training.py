@@ -401,6 +401,49 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(synth_root, tmp_path):
     assert json.loads((tmp_path / "done" / "run_summary.json").read_text())["step"] == 2
 
 
+SIGTERM_ONE_RANK = """
+import json, os, signal, sys
+from xmdpt.training.config import load_config
+from xmdpt.training.trainer import Trainer
+
+trainer = Trainer(load_config(None, sys.argv[2:]))
+original = trainer.update_ema
+
+def update():
+    original()
+    if trainer.step == 3 and os.environ["RANK"] == "1":  # only one process is signalled
+        os.kill(os.getpid(), signal.SIGTERM)
+
+trainer.update_ema = update
+result = trainer.train()
+with open(f"{sys.argv[1]}.{os.environ['RANK']}", "w") as f:
+    json.dump({"step": result.step, "interrupted": result.interrupted}, f)
+"""
+
+
+def test_sigterm_to_one_process_stops_all_of_them_at_the_same_step(synth_root, tmp_path):
+    """Otherwise the signalled rank would stop and the other wait forever in the next gradient all-reduce."""
+    script = tmp_path / "train_and_signal.py"
+    script.write_text(SIGTERM_ONE_RANK)
+    config = overrides(
+        synth_root, tmp_path / "ddp", "optim.max_steps=50", "run.checkpoint_every=100", "optim.batch_size=4"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    done = subprocess.run(
+        [*command, str(script), str(tmp_path / "result"), *config],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in (0, 1)]
+    assert results == [{"step": 3, "interrupted": True}] * 2
+    assert (tmp_path / "ddp" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
 def published_setup(tiny_hub) -> list[str]:
     """Frozen DINOv2 encoders and SD-VAE latents, with tiny stand-ins from the `tiny_hub` fixture."""
     return [
