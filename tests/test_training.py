@@ -340,6 +340,22 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(synth_root, tmp_
     load_file(ckpts / "step_00000002" / "model.safetensors")  # still readable
 
 
+def after_step(trainer, step: int, action) -> None:
+    """Make `trainer` run `action` once its step `step` is complete (where Ctrl-C or a signal would land)."""
+    original = trainer.update_ema
+
+    def update():
+        original()
+        if trainer.step == step:
+            action()
+
+    trainer.update_ema = update
+
+
+def sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def test_ctrl_c_writes_a_checkpoint(synth_root, tmp_path):
     from xmdpt.training.trainer import Trainer
 
@@ -347,14 +363,11 @@ def test_ctrl_c_writes_a_checkpoint(synth_root, tmp_path):
         None, overrides(synth_root, tmp_path / "run", "optim.max_steps=50", "run.checkpoint_every=100")
     )
     trainer = Trainer(config)
-    original = trainer.update_ema
 
-    def update():
-        original()
-        if trainer.step == 3:
-            raise KeyboardInterrupt
+    def ctrl_c():
+        raise KeyboardInterrupt
 
-    trainer.update_ema = update
+    after_step(trainer, 3, ctrl_c)
     result = trainer.train()
     assert result.interrupted and result.step == 3
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
@@ -369,14 +382,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(synth_root, tmp_path):
         None, overrides(synth_root, tmp_path / "run", "optim.max_steps=50", "run.checkpoint_every=100")
     )
     trainer = Trainer(config)
-    original = trainer.update_ema
-
-    def update():
-        original()
-        if trainer.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    trainer.update_ema = update
+    after_step(trainer, 3, sigterm)
     before = signal.getsignal(signal.SIGTERM)
     result = trainer.train()
     assert result.interrupted and result.step == 3
@@ -386,16 +392,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(synth_root, tmp_path):
     assert resumed.step == 3
 
     # A SIGTERM in the last step changes nothing: the run is complete, and says so.
-    done = load_config(None, overrides(synth_root, tmp_path / "done", "optim.max_steps=2"))
-    trainer = Trainer(done)
-    original_last = trainer.update_ema
-
-    def update_last():
-        original_last()
-        if trainer.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    trainer.update_ema = update_last
+    trainer = Trainer(load_config(None, overrides(synth_root, tmp_path / "done", "optim.max_steps=2")))
+    after_step(trainer, 2, sigterm)
     result = trainer.train()
     assert not result.interrupted and result.step == 2
     assert json.loads((tmp_path / "done" / "run_summary.json").read_text())["step"] == 2

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -81,9 +81,7 @@ def write_model_info(
     folder: str | Path, synth: SynthConfig | None, num_inference_steps: int, guidance_scale: float, **extra
 ) -> Path:
     """Write `xmdpt_default.json` beside a saved pipeline (`extra`: more keys, e.g. how it was trained)."""
-    info = (
-        {} if synth is None else {**synth.__dict__, "size": list(synth.size), "pattern_cell": list(synth.pattern_cell)}
-    )
+    info = {} if synth is None else asdict(synth)  # tuples are written as JSON lists
     info.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **extra)
     path = Path(folder) / INFO_FILE
     path.write_text(json.dumps(info, indent=1) + "\n")

@@ -139,10 +139,10 @@ class XMDPTPipeline(DiffusionPipeline):
 
     def _sampler_input(self, output: torch.Tensor, channels: int) -> torch.Tensor:
         # DDPM's learned-range variance uses the v channels; the other samplers take the prediction alone.
-        variance = getattr(self.scheduler.config, "variance_type", None)
-        if isinstance(self.scheduler, DDPMScheduler) and variance == "learned":
+        variance = self.scheduler.config.variance_type if isinstance(self.scheduler, DDPMScheduler) else None
+        if variance == "learned":
             return output
-        if isinstance(self.scheduler, DDPMScheduler) and variance == "learned_range":
+        if variance == "learned_range":
             # Eq. 15 of Improved DDPM interpolates between the two log-variances with frac = (v + 1) / 2; a v outside
             # [-1, 1] extrapolates beyond both. Where the training schedule's two bounds nearly coincide (most t of
             # T = 1000) L_vb barely constrains v, so an under-trained model drifts there (|v| up to 5 in the embedded

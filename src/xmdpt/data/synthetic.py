@@ -19,6 +19,7 @@ so a set is reproducible and an identity looks the same whatever the set's size.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -57,12 +58,10 @@ class SynthConfig:
     pattern_cell: tuple[float, float] = (0.025, 0.06)
 
     def __post_init__(self) -> None:
-        try:
-            if isinstance(self.pattern_cell, str | bytes):  # iterable, but not two numbers
-                raise TypeError
-            cell = tuple(float(v) for v in self.pattern_cell)  # a JSON or YAML list too
-        except (TypeError, ValueError):
-            cell = ()
+        cell = ()  # a string is iterable, but not two numbers
+        if not isinstance(self.pattern_cell, str | bytes):
+            with contextlib.suppress(TypeError, ValueError):
+                cell = tuple(float(v) for v in self.pattern_cell)  # a JSON or YAML list too
         if len(cell) != 2:
             raise InputError(f"pattern_cell must be two numbers (low, high), got {self.pattern_cell!r}")
         object.__setattr__(self, "pattern_cell", cell)
@@ -319,8 +318,7 @@ def generate(out_dir: str | Path, config: SynthConfig, progress: bool = True) ->
             out / f"fasion-resize-annotation-{split}.csv", ":", ("name", "keypoints_y", "keypoints_x"), annotations
         )
         counts[f"{split}_images"], counts[f"{split}_pairs"] = len(annotations), len(pairs)
-    lists = {"size": list(config.size), "pattern_cell": list(config.pattern_cell)}
-    settings = asdict(config) | lists | {"format": "deepfashion-csv", **counts}
+    settings = asdict(config) | {"format": "deepfashion-csv", **counts}  # tuples are written as JSON lists
     (out / "synth.json").write_text(json.dumps(settings, indent=1) + "\n")
     log.debug("synthetic set in %s: %s", out, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     return counts

@@ -165,9 +165,9 @@ def validate(config: TrainConfig) -> None:
     if config.model.preset is not None and config.model.preset not in XMDPT_PRESETS:
         raise InputError(f"model.preset={config.model.preset!r}: choose one of {', '.join(XMDPT_PRESETS)} or null")
     if config.data.layout == "synthetic":
-        from xmdpt.data.synthetic import SynthConfig
+        from xmdpt.training.build import synth_config
 
-        SynthConfig(seed=config.data.synth_seed, pattern_cell=config.data.synth_pattern_cell)  # raises on bad values
+        synth_config(config)  # raises on bad values
     o = config.optim
     if o.max_steps < 0:
         raise InputError(f"optim.max_steps={o.max_steps} must be >= 0")

@@ -552,7 +552,12 @@ class Trainer:
                     ) from None
                 state.update({f"{name}.{k}": v.float() for k, v in saved.items()})
         else:
-            saved = self._read_weights(folder / "ema.safetensors")
+            path = folder / "ema.safetensors"
+            try:
+                saved = load_file(path)
+            except (OSError, SafetensorError) as err:
+                first = str(err).splitlines()[0]
+                raise InputError(f"{path}: cannot read the weights to start from ({first})") from None
             state = {k.removeprefix("module."): v for k, v in saved.items() if k.startswith("module.")}
         own = trainable.state_dict()
         misfits = [k for k in state if k not in own or own[k].shape != state[k].shape]
@@ -562,13 +567,6 @@ class Trainer:
         missing = trainable.load_state_dict(state, strict=False).missing_keys
         new = new_modules(missing, state)
         log.info("started from %s; newly initialised: %s", folder, ", ".join(new) or "nothing")
-
-    @staticmethod
-    def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(path)
-        except (OSError, SafetensorError) as err:
-            raise InputError(f"{path}: cannot read the weights to start from ({str(err).splitlines()[0]})") from None
 
     def finish(self) -> None:
         """Check that every process holds the same weights, and write the run summary."""
