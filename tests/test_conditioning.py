@@ -94,6 +94,31 @@ def test_learned_encoder_shapes_and_gradients():
     assert not torch.allclose(tokens[0], tokens[1])
 
 
+def test_learned_encoder_contrast_input_starts_as_the_plain_encoder_and_trains(tmp_path):
+    torch.manual_seed(0)
+    plain = LearnedImageEncoder(image_size=(32, 24), width=16)
+    encoder = LearnedImageEncoder(image_size=(32, 24), width=16, contrast_input=True)
+    missing = encoder.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["contrast.bias", "contrast.weight"]
+    rows = torch.arange(32)[:, None].expand(32, 24)
+    stripes = torch.stack([((rows + shift) % 4 < 2).float().expand(3, 32, 24) for shift in (0, 2)])
+    torch.testing.assert_close(encoder(stripes), plain(stripes))  # zero-initialised: the trained function
+    encoder(stripes).square().sum().backward()
+    assert encoder.contrast.weight.grad.abs().sum() > 0  # ...that the loss can then change
+    with torch.no_grad():
+        encoder.contrast.weight.normal_()
+    assert not torch.allclose(encoder(stripes), plain(stripes))
+    # The contrast maps do not see the stripes' phase: with the pixel path silenced, inverted stripes look alike.
+    with torch.no_grad():
+        encoder.stem[0].weight.zero_()
+    features = encoder(stripes)
+    torch.testing.assert_close(features[0], features[1])
+    assert not torch.allclose(features[0], encoder(torch.zeros(1, 3, 32, 24))[0])  # ...and unlike a plain image
+    encoder.save_pretrained(tmp_path)
+    loaded = LearnedImageEncoder.from_pretrained(tmp_path)
+    assert loaded.config.contrast_input and torch.equal(loaded(stripes), encoder(stripes))
+
+
 def test_vae_codec_uses_the_posterior_mean_and_the_scaling_factor(tiny_hub):
     codec = VAECodec.from_vae(tiny_hub / "vae")
     assert codec.downsample_factor == 8 and codec.latent_channels == 4
@@ -105,6 +130,11 @@ def test_vae_codec_uses_the_posterior_mean_and_the_scaling_factor(tiny_hub):
     sampled = codec.encode(images, sample=True, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(sampled, latents)
     torch.testing.assert_close(codec.decode(latents), codec.vae.decode(latents / 0.18215).sample)
+    # The decoder stays frozen but passes gradients to the latents, for a loss on decoded images (texture_weight).
+    latents.requires_grad_(True)
+    codec.decode(latents).square().mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    assert all(p.grad is None for p in codec.parameters())
 
 
 def test_vae_codec_round_trips_through_save_pretrained(tiny_hub, tmp_path):

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize, tiny_inputs, tiny_model
 
-from xmdpt.diffusion import XMDPTLoss, make_train_scheduler, normal_kl
+from xmdpt.diffusion import XMDPTLoss, local_contrast, make_train_scheduler, normal_kl
 
 
 def test_schedule_is_the_published_linear_one():
@@ -126,3 +127,66 @@ def test_a_few_adamw_steps_reduce_the_loss(prediction_type):
         opt.step()
     after = evaluate()
     assert math.isfinite(after) and after < 0.85 * before
+
+
+def _stripes(shift: int, period: int = 4, size=(16, 12)) -> torch.Tensor:
+    rows = (torch.arange(size[0]) + shift) % period < period // 2
+    return torch.where(rows[None, None, :, None], 1.0, -1.0).expand(1, 3, *size).clone()
+
+
+def test_local_contrast_sees_kind_and_place_of_detail_not_its_phase():
+    a, b = _stripes(0), _stripes(2)  # horizontal stripes, half a period apart
+    assert not torch.equal(a, b)
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    torch.testing.assert_close(local_contrast(a)[inner], local_contrast(b)[inner])
+    assert local_contrast(a)[:, 0].abs().max() == 0  # no left-right change in horizontal stripes
+    assert local_contrast(a)[0, 1, 2:-2, 2:-2].min() > 0.5
+    assert local_contrast(torch.full_like(a, 0.3)).abs().max() == 0  # a flat tint has none
+    checks = a * torch.where((torch.arange(12) % 4 < 2)[None, None, None, :], 1.0, -1.0)
+    assert local_contrast(checks)[0, 0, 2:-2, 2:-2].min() > 0.5  # checks: both directions
+    assert local_contrast(a, window=5).shape == (1, 2, 16, 12)
+    with pytest.raises(ValueError, match="odd"):
+        local_contrast(a, window=4)
+
+
+def test_texture_term_scores_a_tint_worse_than_the_detail_at_another_phase():
+    """x0-prediction: the MSE prefers the flat mean of two phases; a large texture weight prefers either phase."""
+    decode = lambda z: F.pixel_shuffle(z, 2)  # noqa: E731 - a pixel codec, 12 channels <-> RGB
+    x0 = F.pixel_unshuffle(_stripes(0), 2)
+    shifted = F.pixel_unshuffle(_stripes(2), 2)
+    tint = torch.zeros_like(x0)
+    t, noise = torch.tensor([500]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    plain = XMDPTLoss(make_train_scheduler("sample", learn_sigma=False))
+    textured = XMDPTLoss(make_train_scheduler("sample", learn_sigma=False), texture_weight=20.0, decode=decode)
+    x_t = plain.scheduler.add_noise(x0, noise, t)
+
+    def score(objective, prediction):
+        return objective.pass_loss(prediction, x0, noise, x_t, t).item()
+
+    assert score(plain, tint) < score(plain, shifted)
+    assert score(textured, shifted) < score(textured, tint)
+    assert score(textured, x0) == pytest.approx(0.0, abs=1e-7)  # the truth costs nothing
+    tint_texture = 20.0 * local_contrast(_stripes(0)).pow(2).mean().item()
+    assert score(textured, tint) == pytest.approx(score(plain, tint) + tint_texture, rel=1e-5)
+    # The other phase is charged only where the box window meets the image's edge.
+    assert score(textured, shifted) - score(plain, shifted) < 0.1 * tint_texture
+
+
+def test_texture_term_trains_the_model_and_needs_a_decoder():
+    with pytest.raises(ValueError, match="decode"):
+        XMDPTLoss(texture_weight=1.0)
+    with pytest.raises(ValueError, match="texture_weight"):
+        XMDPTLoss(texture_weight=float("nan"), decode=lambda z: z)
+    model = randomize(tiny_model())
+    x = tiny_inputs(model, batch=2)
+    conds = (x["pose_features"], x["reference_features"], x["reference_latent"])
+    decode = lambda z: F.pixel_shuffle(z, 2)  # noqa: E731 - 4 latent channels -> 1 "colour"
+    draws = XMDPTLoss().draw(tuple(x["sample"].shape), model.num_tokens, torch.Generator().manual_seed(0))
+    losses = {}
+    for weight in (0.0, 2.0):
+        model.zero_grad()
+        out = XMDPTLoss(texture_weight=weight, decode=decode)(model, x["sample"], *conds, draws=draws)
+        out.loss.backward()
+        losses[weight] = (out.loss.item(), model.final_layer.linear.weight.grad.clone())
+    assert losses[2.0][0] > losses[0.0][0]
+    assert not torch.allclose(losses[2.0][1], losses[0.0][1])

@@ -116,6 +116,7 @@ def test_negative_max_steps_is_refused():
         ("optim.nope=1", "nope"),
         ("run.on_nan=retry", "on_nan"),
         ("optim.batch_size=6", "multiple"),
+        ("objective.texture_weight=-1", "texture_weight"),
         ("lr", "section.field=value"),
         ("model.preset=XMDPT-Q/2", "model.preset='XMDPT-Q/2': choose one of"),
     ],
@@ -463,6 +464,7 @@ def test_published_setup_trains_with_frozen_dinov2_and_vae(synth_root, tmp_path,
         [
             *overrides(synth_root, tmp_path / "run", "optim.max_steps=2", "run.checkpoint_every=2"),
             *published_setup(tiny_hub),
+            "objective.texture_weight=1.0",  # decodes the x0 estimate through the VAE in the loss
         ],
     )
     trainer = Trainer(config)

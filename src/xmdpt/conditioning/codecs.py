@@ -62,8 +62,7 @@ class VAECodec(ModelMixin, ConfigMixin):
         latents = posterior.sample(generator) if sample else posterior.mean
         return latents * self.config.scaling_factor  # (B, C, H / f, W / f)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:  # differentiable in the latents (a texture loss)
         return self.vae.decode(latents.to(self.dtype) / self.config.scaling_factor).sample  # (B, 3, H, W)
 
 

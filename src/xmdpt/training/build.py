@@ -23,7 +23,9 @@ def build_encoders(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
         size = list(config.data.size)
         return (
             LearnedImageEncoder(image_size=size, width=c.learned_width, input_transform="unit"),
-            LearnedImageEncoder(image_size=size, width=c.learned_width, input_transform="signed"),
+            LearnedImageEncoder(
+                image_size=size, width=c.learned_width, input_transform="signed", contrast_input=c.learned_contrast
+            ),
         )
     quirks = dict(antialias=False) if c.public_quirks else dict(antialias=True)
     pose = DinoV2Encoder.from_dinov2(

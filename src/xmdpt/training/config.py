@@ -6,6 +6,7 @@ batch 32, EMA 0.9999 every step, bf16 autocast, no warm-up, no clipping, mask ra
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional  # noqa: UP035 - OmegaConf's structured configs need typing.Optional
@@ -42,6 +43,8 @@ class ConditioningConfig:
     reference_encoder: str = "facebook/dinov2-giant"
     public_quirks: bool = True  # DINOv2 inputs as the public code feeds them (no ImageNet norm, no antialias)
     learned_width: int = 128
+    # beyond the paper: the learned reference encoder also sees local contrast maps (see LearnedImageEncoder)
+    learned_contrast: bool = False
     codec: str = "vae"  # "vae" (SD-VAE latents) or "pixel" (lossless pixel-unshuffle)
     vae: str = "stabilityai/sd-vae-ft-mse"
     pixel_factor: int = 4
@@ -72,6 +75,7 @@ class ObjectiveConfig:
     prediction_type: str = "epsilon"  # epsilon (published) | v_prediction | sample
     mask_ratio: float = 0.3  # 0 disables the masked pass (and the side blocks)
     condition_dropout: float = 0.1
+    texture_weight: float = 0.0  # beyond the paper: phase-blind detail term on the decoded x0 estimate (XMDPTLoss)
 
 
 @dataclass
@@ -179,5 +183,7 @@ def validate(config: TrainConfig) -> None:
         raise InputError(f"model.refine_channels={config.model.refine_channels} must be >= 0 (0: off)")
     if config.model.reference_layers < 0:
         raise InputError(f"model.reference_layers={config.model.reference_layers} must be >= 0 (0: off)")
+    if not (0 <= config.objective.texture_weight < math.inf):
+        raise InputError(f"objective.texture_weight={config.objective.texture_weight} must be a number >= 0")
     if not 0 <= config.objective.mask_ratio < 1:
         raise InputError(f"objective.mask_ratio={config.objective.mask_ratio} must lie in [0, 1)")

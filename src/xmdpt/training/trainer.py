@@ -212,6 +212,8 @@ class Trainer:
             make_train_scheduler(config.objective.prediction_type, config.model.learn_sigma),
             mask_ratio=config.objective.mask_ratio,
             condition_dropout=config.objective.condition_dropout,
+            texture_weight=config.objective.texture_weight,
+            decode=self.codec.decode,
         )
         self.step_module = TrainStep(self.denoiser, self.pose_encoder, self.reference_encoder, self.objective)
         for encoder in self.step_module.frozen.values():
