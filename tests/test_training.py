@@ -233,27 +233,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`args` under torchrun with two CPU processes (offline, one thread each), output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_two_processes_train_one_model_equal_to_one_process(synth_root, tmp_path):
     common = ["optim.max_steps=4", "run.checkpoint_every=4", "optim.batch_size=4"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "xmdpt",
-            "train",
-            *overrides(synth_root, tmp_path / "ddp", *common),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ddp = torchrun("-m", "xmdpt", "train", *overrides(synth_root, tmp_path / "ddp", *common))
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     single = run_train(overrides(synth_root, tmp_path / "single", *common))
     assert single.wait(timeout=300) == 0, single.stdout.read()
@@ -427,16 +416,7 @@ def test_sigterm_to_one_process_stops_all_of_them_at_the_same_step(synth_root, t
     config = overrides(
         synth_root, tmp_path / "ddp", "optim.max_steps=50", "run.checkpoint_every=100", "optim.batch_size=4"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    done = subprocess.run(
-        [*command, str(script), str(tmp_path / "result"), *config],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = torchrun(str(script), str(tmp_path / "result"), *config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in (0, 1)]
     assert results == [{"step": 3, "interrupted": True}] * 2

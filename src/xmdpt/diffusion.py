@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from xmdpt.conditioning.encoders import neighbour_differences
 from xmdpt.models.xmdpt import XMDPT, random_masking
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -74,9 +75,7 @@ def local_contrast(images: torch.Tensor, window: int = 3) -> torch.Tensor:
     by half a period have the same map; a flat tint has none."""
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be an odd number of pixels, got {window}")
-    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean(dim=1, keepdim=True)  # (B, 1, H, W-1)
-    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean(dim=1, keepdim=True)  # (B, 1, H-1, W)
-    contrast = torch.cat([F.pad(dx, (0, 1)), F.pad(dy, (0, 0, 0, 1))], dim=1)  # (B, 2, H, W)
+    contrast = torch.cat([d.mean(dim=1, keepdim=True) for d in neighbour_differences(images)], dim=1)  # (B, 2, H, W)
     return F.avg_pool2d(contrast, window, stride=1, padding=window // 2, count_include_pad=False)
 
 
@@ -209,18 +208,31 @@ class XMDPTLoss:
         nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def pass_loss(self, output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, t):
-        """MSE (+ L_vb with learned sigma) of one model output (B, C or 2C, H, W), per sample."""
+    def target_contrast(self, x0: torch.Tensor) -> torch.Tensor:
+        """The texture term's target: the decoded clean latents' `local_contrast` (B, 2, H', W'), no gradient."""
+        with torch.no_grad():
+            return local_contrast(self.decode(x0))
+
+    def pass_loss(
+        self,
+        output: torch.Tensor,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        contrast: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MSE (+ L_vb with learned sigma, + the texture term) of one model output (B, C or 2C, H, W), per sample.
+        `contrast`: `target_contrast(x0)`, when the caller has it already (both passes share one)."""
         C = x0.shape[1]
         prediction, v = output[:, :C], output[:, C:]
         loss = mean_flat((prediction.float() - self.target(x0, noise, t)) ** 2)
         if self.learn_sigma:
             loss = loss + self.variational_bound(prediction.float(), v.float(), x0, x_t, t)
         if self.texture_weight > 0:
+            contrast = self.target_contrast(x0) if contrast is None else contrast
             estimate = self.decode(self.predicted_x0(prediction.float(), x_t, t))
-            with torch.no_grad():
-                truth = local_contrast(self.decode(x0))
-            loss = loss + self.texture_weight * mean_flat((local_contrast(estimate) - truth) ** 2)
+            loss = loss + self.texture_weight * mean_flat((local_contrast(estimate) - contrast) ** 2)
         return loss
 
     def draw(
@@ -266,8 +278,10 @@ class XMDPTLoss:
         x_t = self.scheduler.add_noise(latents, noise, t)
         conditions = (pose_features, reference_features, reference_latent)
 
+        # The texture term's target is decoded once per step, not once per pass (an SD-VAE decode is not cheap).
+        contrast = self.target_contrast(latents) if self.texture_weight > 0 else None
         output = model(x_t, t, *conditions, drop_condition=draws.drop_full, pose_map=pose_map)
-        full = self.pass_loss(output, latents, noise, x_t, t)
+        full = self.pass_loss(output, latents, noise, x_t, t, contrast)
         masked = None
         if draws.ids_keep is not None:
             noise = noise if draws.noise_masked is None else draws.noise_masked.to(latents.dtype)
@@ -275,7 +289,7 @@ class XMDPTLoss:
             output = model(
                 x_t, t, *conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep, pose_map=pose_map
             )
-            masked = self.pass_loss(output, latents, noise, x_t, t)
+            masked = self.pass_loss(output, latents, noise, x_t, t, contrast)
         total = full.mean() + (masked.mean() if masked is not None else 0.0)
         return LossOutput(
             loss=total, full=full.detach(), masked=None if masked is None else masked.detach(), timesteps=t

@@ -44,6 +44,14 @@ def transform_input(images: torch.Tensor, mode: str) -> torch.Tensor:
 DINO_IMAGE_SIZE = 224
 
 
+def neighbour_differences(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """|right - self| and |below - self| per channel, each (B, C, H, W) with a zero last column / row: where an
+    image has horizontal and vertical detail, whatever its phase (stripes half a period apart give the same maps)."""
+    dx = F.pad((images[..., :, 1:] - images[..., :, :-1]).abs(), (0, 1))  # (B, C, H, W)
+    dy = F.pad((images[..., 1:, :] - images[..., :-1, :]).abs(), (0, 0, 0, 1))  # (B, C, H, W)
+    return dx, dy
+
+
 def hub_position_table(table: torch.Tensor, grid: int, offset: float = 0.1) -> torch.Tensor:
     """DINOv2's position table (1, 1 + M * M, D) resampled to a `grid` x `grid` patch grid the way the torch.hub
     model does it (facebookresearch/dinov2 `interpolate_pos_encoding`): bicubic with the scale factor
@@ -185,9 +193,7 @@ class LearnedImageEncoder(ModelMixin, ConfigMixin):
         if self.contrast is None:
             x = self.stem(x)  # (B, W, h, w)
         else:
-            dx = F.pad((x[..., :, 1:] - x[..., :, :-1]).abs(), (0, 1))  # (B, 3, H, W)
-            dy = F.pad((x[..., 1:, :] - x[..., :-1, :]).abs(), (0, 0, 0, 1))  # (B, 3, H, W)
-            x = self.stem[0](x) + self.contrast(torch.cat([dx, dy], dim=1))  # (B, W / 2, H / 2, W / 2)
+            x = self.stem[0](x) + self.contrast(torch.cat(neighbour_differences(x), dim=1))  # (B, W / 2, H/2, W/2)
             x = self.stem[1:](x)  # (B, W, h, w)
         tokens = x.flatten(2).transpose(1, 2)  # (B, h * w, W)
         return self.norm(torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1))  # (B, 1 + h * w, W)
