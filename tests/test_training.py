@@ -2,6 +2,7 @@
 
 import copy
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -387,6 +388,31 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(synth_root, tmp_path):
     result = trainer.train()
     assert not result.interrupted and result.step == 2
     assert json.loads((tmp_path / "done" / "run_summary.json").read_text())["step"] == 2
+
+
+def test_sigterm_to_the_data_workers_too(synth_root, tmp_path):
+    """A cluster signals every process of the job, DataLoader workers included: the run still stops after the step
+    with a checkpoint, where a worker killed by the signal would take it down between checkpoints."""
+    from xmdpt.training.trainer import Trainer
+
+    config = load_config(
+        None,
+        overrides(synth_root, tmp_path / "run", "optim.max_steps=50", "run.checkpoint_every=100", "data.num_workers=1"),
+    )
+    trainer = Trainer(config)
+
+    def sigterm_everyone():
+        workers = multiprocessing.active_children()
+        assert workers  # the DataLoader's worker
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(0.5)  # let the signal land in the worker before the main process fetches its next batch
+        sigterm()
+
+    after_step(trainer, 3, sigterm_everyone)
+    result = trainer.train()
+    assert result.interrupted and result.step == 3
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
 
 
 SIGTERM_ONE_RANK = """

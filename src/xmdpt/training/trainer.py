@@ -179,6 +179,13 @@ def stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: a cluster's time limit or `scancel` signals every process of the job, and
+    a worker that dies of it takes the run down before the main process can write its checkpoint. The main process
+    shuts its workers down when it stops (and they exit by themselves if it dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
@@ -271,6 +278,7 @@ class Trainer:
             batch_sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=ignore_sigterm,
         )
 
     # ---- the loop --------------------------------------------------------------------------------------------
