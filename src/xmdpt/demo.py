@@ -156,7 +156,7 @@ def score(outputs: list[Image.Image], pairs: list[HeldOutPair]) -> Scores:
     try:
         from skimage.metrics import peak_signal_noise_ratio
     except ImportError as err:
-        raise InputError(f"the demo's scores need scikit-image: pip install 'xmdpt[eval]' ({err})") from None
+        raise InputError(f"the demo's scores need scikit-image: pip install scikit-image ({err})") from None
     ssim, psnr, pose_match, pattern_match = [], [], [], []
     for output, pair in zip(outputs, pairs, strict=True):
         to_views = [_ssim(output, view) for view in pair.views]  # the target's SSIM among them

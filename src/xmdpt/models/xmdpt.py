@@ -344,7 +344,7 @@ class XMDPT(ModelMixin, ConfigMixin):
     projected. `forward` accepts y precomputed (`condition=`) so that a sampler computes it once per image.
     Passing `ids_keep` runs the training-only masked pass (mask cross-prediction, paper Sec. 3.3).
 
-    Two additions beyond the paper, both off by default (then the model is the paper's, and public checkpoints load):
+    Three additions beyond the paper, all off by default (then the model is the paper's, and public checkpoints load):
     `pose_map_channels` adds the rendered target pose to the noisy tokens; `reference_layers` > 0 encodes the
     reference latent's tokens with that many plain ViT blocks into a memory that every block cross-attends to
     ("reference attention"), so that fine detail such as a garment's pattern need not pass through the one vector y;
