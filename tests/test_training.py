@@ -397,7 +397,9 @@ def test_sigterm_to_the_data_workers_too(synth_root, tmp_path):
 
     config = load_config(
         None,
-        overrides(synth_root, tmp_path / "run", "optim.max_steps=50", "run.checkpoint_every=100", "data.num_workers=1"),
+        overrides(
+            synth_root, tmp_path / "run", "optim.max_steps=50", "run.checkpoint_every=100", "data.num_workers=1"
+        ),
     )
     trainer = Trainer(config)
 
