@@ -118,6 +118,8 @@ def test_negative_max_steps_is_refused():
         ("run.on_nan=retry", "on_nan"),
         ("optim.batch_size=6", "multiple"),
         ("objective.texture_weight=-1", "texture_weight"),
+        ("optim.decay_steps=900000", "decay_steps"),
+        ("optim.warmup_steps=-1", "warmup_steps"),
         ("lr", "section.field=value"),
         ("model.preset=XMDPT-Q/2", "model.preset='XMDPT-Q/2': choose one of"),
     ],
@@ -226,6 +228,49 @@ def test_a_short_run_is_the_long_runs_checkpoint(synth_root, tmp_path):
     assert short.keys() == long.keys()
     for key in short:
         assert torch.equal(short[key], long[key]), key
+
+
+def test_learning_rate_warms_up_holds_and_cools_down(synth_root, tmp_path):
+    from xmdpt.training.trainer import Trainer
+
+    extra = ["optim.max_steps=10", "optim.warmup_steps=2", "optim.decay_steps=4", "optim.lr=1e-3"]
+    trainer = Trainer(load_config(None, overrides(synth_root, tmp_path / "run", *extra)))
+    factors = [trainer.lr_factor(step) for step in range(10)]
+    assert factors == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)  # the first update's rate
+
+
+def test_cooling_down_a_resumed_run_is_the_run_planned_that_way(synth_root, tmp_path):
+    """Warmup-stable-decay: train at the constant rate, then resume with a larger max_steps and decay_steps to cool
+    down; the result is the run configured with both from the start, bit for bit."""
+    from xmdpt.training.trainer import Trainer, train
+
+    common = ["run.checkpoint_every=3", "optim.lr=1e-3"]
+    train(
+        load_config(
+            None, overrides(synth_root, tmp_path / "planned", "optim.max_steps=6", "optim.decay_steps=3", *common)
+        )
+    )
+    train(load_config(None, overrides(synth_root, tmp_path / "extended", "optim.max_steps=3", *common)))
+    cooled = load_config(
+        None, overrides(synth_root, tmp_path / "extended", "optim.max_steps=6", "optim.decay_steps=3", *common)
+    )
+    resumed = Trainer(cooled, resume=True)
+    assert resumed.step == 3 and resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    resumed.train()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # the rate reached the end of the cool-down
+    planned = load_file(tmp_path / "planned" / "checkpoints" / "step_00000006" / "ema.safetensors")
+    extended = load_file(tmp_path / "extended" / "checkpoints" / "step_00000006" / "ema.safetensors")
+    assert planned.keys() == extended.keys()
+    for key in planned:
+        assert torch.equal(planned[key], extended[key]), key
+    constant = load_file(tmp_path / "extended" / "checkpoints" / "step_00000003" / "ema.safetensors")
+    assert any(not torch.equal(constant[key], extended[key]) for key in constant)
+
+    # Resumed again with another rate and a longer cool-down, the rate is this config's at this step.
+    longer = ["optim.max_steps=8", "optim.decay_steps=4", "optim.lr=4e-4"]
+    again = Trainer(load_config(None, overrides(synth_root, tmp_path / "extended", *common, *longer)), resume=True)
+    assert again.step == 6 and again.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
 def free_port() -> int:

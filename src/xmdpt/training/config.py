@@ -86,6 +86,7 @@ class OptimConfig:
     grad_accum: int = 1
     grad_clip: Optional[float] = None  # noqa: UP045 - max gradient norm; None = no clipping (published)
     warmup_steps: int = 0  # linear learning-rate warm-up
+    decay_steps: int = 0  # linear cool-down to 0 over the last decay_steps before max_steps (warmup-stable-decay)
     ema_decay: float = 0.9999
     ema_start: int = 0  # the EMA copies the weights until this step, then averages
     max_steps: int = 800_000
@@ -175,6 +176,10 @@ def validate(config: TrainConfig) -> None:
     o = config.optim
     if o.max_steps < 0:
         raise InputError(f"optim.max_steps={o.max_steps} must be >= 0")
+    if o.warmup_steps < 0 or not 0 <= o.decay_steps <= o.max_steps:
+        raise InputError(
+            f"optim.warmup_steps={o.warmup_steps} must be >= 0 and optim.decay_steps={o.decay_steps} in [0, max_steps]"
+        )
     if o.batch_size < 1 or o.grad_accum < 1 or o.batch_size % o.grad_accum:
         raise InputError(f"optim.batch_size={o.batch_size} must be a positive multiple of grad_accum={o.grad_accum}")
     if len(config.data.size) != 2 or min(config.data.size) < 8:

@@ -231,7 +231,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.step_module.trainable.parameters(), lr=o.lr, weight_decay=o.weight_decay
         )
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.warmup)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step, self.skipped_nan, self.last_checkpoint = 0, 0, None
         if resume:
             self.resume()
@@ -257,9 +257,15 @@ class Trainer:
         )
 
     # ---- schedule --------------------------------------------------------------------------------------------
-    def warmup(self, step: int) -> float:
-        w = self.config.optim.warmup_steps
-        return min(1.0, (step + 1) / w) if w > 0 else 1.0
+    def lr_factor(self, step: int) -> float:
+        """The learning rate's multiplier after `step` updates: a linear warm-up, constant, then a linear
+        cool-down to 0 over the last `decay_steps` (warmup-stable-decay, Hu et al. 2024, Haegele et al. 2024). It
+        is a function of the step and the config alone, so a run resumed with a larger `max_steps` is the run that
+        had it all along: train at the constant rate for as long as it helps, then resume once more to cool down."""
+        o = self.config.optim
+        warmup = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        decay = min(1.0, (o.max_steps - step) / o.decay_steps) if o.decay_steps > 0 else 1.0
+        return max(0.0, min(warmup, decay))
 
     def loader(self) -> DataLoader:
         o, acc = self.config.optim, self.accelerator
@@ -541,6 +547,10 @@ class Trainer:
             raise InputError(f"{folder}: cannot resume from this checkpoint ({str(err).splitlines()[0]})") from None
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step, self.skipped_nan = state["step"], state.get("skipped_nan_steps", 0)
+        # The rate follows this config (its lr, max_steps and decay_steps), not the one the checkpoint was made with.
+        self.lr_schedule.base_lrs = [self.config.optim.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.optim.lr * self.lr_factor(self.step)
         self.last_checkpoint = folder
         log.info("resumed from %s at step %d", folder, self.step)
 
