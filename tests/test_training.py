@@ -86,6 +86,16 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / latest / "model.safetensors")
 
 
+def ema_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / "ema.safetensors")
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 # ---- configs ----------------------------------------------------------------------------------------------------
 
 
@@ -210,10 +220,7 @@ def test_resume_after_sigkill_is_bit_identical(synth_root, tmp_path):
     log = resumed.stdout.read()
     assert resumed.wait(timeout=300) == 0, log
     assert "resumed from" in log
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_tensors(weights(tmp_path / "straight"), weights(tmp_path / "killed"))
 
 
 def test_a_short_run_is_the_long_runs_checkpoint(synth_root, tmp_path):
@@ -223,11 +230,7 @@ def test_a_short_run_is_the_long_runs_checkpoint(synth_root, tmp_path):
     common = ["run.checkpoint_every=3", "optim.warmup_steps=2"]
     train(load_config(None, overrides(synth_root, tmp_path / "short", "optim.max_steps=3", *common)))
     train(load_config(None, overrides(synth_root, tmp_path / "long", "optim.max_steps=6", *common)))
-    short = load_file(tmp_path / "short" / "checkpoints" / "step_00000003" / "ema.safetensors")
-    long = load_file(tmp_path / "long" / "checkpoints" / "step_00000003" / "ema.safetensors")
-    assert short.keys() == long.keys()
-    for key in short:
-        assert torch.equal(short[key], long[key]), key
+    assert_same_tensors(ema_at(tmp_path / "short", 3), ema_at(tmp_path / "long", 3))
 
 
 def test_learning_rate_warms_up_holds_and_cools_down(synth_root, tmp_path):
@@ -245,26 +248,16 @@ def test_cooling_down_a_resumed_run_is_the_run_planned_that_way(synth_root, tmp_
     down; the result is the run configured with both from the start, bit for bit."""
     from xmdpt.training.trainer import Trainer, train
 
-    common = ["run.checkpoint_every=3", "optim.lr=1e-3"]
-    train(
-        load_config(
-            None, overrides(synth_root, tmp_path / "planned", "optim.max_steps=6", "optim.decay_steps=3", *common)
-        )
-    )
+    common, cooled = ["run.checkpoint_every=3", "optim.lr=1e-3"], ["optim.max_steps=6", "optim.decay_steps=3"]
+    train(load_config(None, overrides(synth_root, tmp_path / "planned", *cooled, *common)))
     train(load_config(None, overrides(synth_root, tmp_path / "extended", "optim.max_steps=3", *common)))
-    cooled = load_config(
-        None, overrides(synth_root, tmp_path / "extended", "optim.max_steps=6", "optim.decay_steps=3", *common)
-    )
-    resumed = Trainer(cooled, resume=True)
+    resumed = Trainer(load_config(None, overrides(synth_root, tmp_path / "extended", *cooled, *common)), resume=True)
     assert resumed.step == 3 and resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     resumed.train()
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # the rate reached the end of the cool-down
-    planned = load_file(tmp_path / "planned" / "checkpoints" / "step_00000006" / "ema.safetensors")
-    extended = load_file(tmp_path / "extended" / "checkpoints" / "step_00000006" / "ema.safetensors")
-    assert planned.keys() == extended.keys()
-    for key in planned:
-        assert torch.equal(planned[key], extended[key]), key
-    constant = load_file(tmp_path / "extended" / "checkpoints" / "step_00000003" / "ema.safetensors")
+    extended = ema_at(tmp_path / "extended", 6)
+    assert_same_tensors(ema_at(tmp_path / "planned", 6), extended)
+    constant = ema_at(tmp_path / "extended", 3)
     assert any(not torch.equal(constant[key], extended[key]) for key in constant)
 
     # Resumed again with another rate and a longer cool-down, the rate is this config's at this step.
