@@ -2,10 +2,12 @@
 
     xmdpt train -c configs/synthetic-cpu.yaml                        # stage 1: about 90 min on 2 CPU cores
     xmdpt train -c configs/synthetic-cpu-reference.yaml              # stage 2: about 16 min
-    xmdpt train -c configs/synthetic-cpu-texture.yaml                # stage 3: about 65 min
+    xmdpt train -c configs/synthetic-cpu-texture.yaml                # stage 3: about 2 h 40 min
+    xmdpt train -c configs/synthetic-cpu-texture-strong.yaml         # stage 4: about 14 min
     # reference attention and the refiner add 7 MB in float32; --dtype float16 keeps the folder at 13 MB
-    python scripts/ship_default_model.py runs/synthetic-cpu-texture/checkpoints/step_0000STEP \
-        --config configs/synthetic-cpu-texture.yaml --dtype float16 --guidance 1.0 --steps 25 --sampler dpmsolver++
+    python scripts/ship_default_model.py runs/synthetic-cpu-texture-strong/checkpoints/step_00001000 \
+        --config configs/synthetic-cpu-texture-strong.yaml --dtype float16 --guidance 1.0 --steps 25 \
+        --sampler dpmsolver++
 
 Writes `src/xmdpt/assets/default/`: an `XMDPTPipeline` folder (safetensors) without the training-only side blocks,
 its weights stored in float32 or (`--dtype float16`, half the size) float16, which loads as float32; and

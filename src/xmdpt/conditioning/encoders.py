@@ -146,8 +146,8 @@ class LearnedImageEncoder(ModelMixin, ConfigMixin):
     contrast_input (beyond the paper): also feed the image's local contrast, |horizontal| and |vertical| neighbour
     differences per colour (6 channels), through a convolution added to the first layer's output. Whether a garment
     is striped, checked or plain is a phase-blind fact that a linear layer on pixels cannot see and that an MSE-
-    trained encoder has little reason to learn (a linear probe of the embedded model's condition y, trained without
-    it, tells the three apart barely above chance). The convolution starts at zero, so adding it to a trained
+    trained encoder has little reason to learn (a linear probe of the stage-2 embedded model's condition y, trained
+    without it, tells the three apart barely above chance). The convolution starts at zero, so adding it to a trained
     encoder changes nothing until it trains.
     """
 
