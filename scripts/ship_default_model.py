@@ -4,10 +4,11 @@
     xmdpt train -c configs/synthetic-cpu-reference.yaml              # stage 2: about 16 min
     xmdpt train -c configs/synthetic-cpu-texture.yaml                # stage 3: about 2 h 40 min
     xmdpt train -c configs/synthetic-cpu-texture-strong.yaml         # stage 4: about 14 min
+    xmdpt train -c configs/synthetic-cpu-palette.yaml                # stage 5: about 16 min
     # reference attention and the refiner add 7 MB in float32; --dtype float16 keeps the folder at 13 MB
-    python scripts/ship_default_model.py runs/synthetic-cpu-texture-strong/checkpoints/step_00001000 \
-        --config configs/synthetic-cpu-texture-strong.yaml --dtype float16 --guidance 1.0 --steps 25 \
-        --sampler dpmsolver++
+    python scripts/ship_default_model.py runs/synthetic-cpu-palette/checkpoints/step_00001000 \
+        --config configs/synthetic-cpu-palette.yaml --dtype float16 --guidance 2.5 --guidance-interval 200 800 \
+        --steps 25 --sampler dpmsolver++
 
 Writes `src/xmdpt/assets/default/`: an `XMDPTPipeline` folder (safetensors) without the training-only side blocks,
 its weights stored in float32 or (`--dtype float16`, half the size) float16, which loads as float32; and
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--weights", choices=["ema", "model"], default="ema")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument(
+        "--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help="guide only at timesteps in [LO, HI]"
+    )
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the saved scheduler: the default sampler")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="of the stored weights")
@@ -73,7 +77,9 @@ def main() -> None:
     trained["sampler"] = args.sampler
     if config.model.init_from:
         trained["init_from"] = config.model.init_from
-    write_model_info(args.out, synth_config(config), args.steps, args.guidance, trained=trained)
+    write_model_info(
+        args.out, synth_config(config), args.steps, args.guidance, args.guidance_interval, trained=trained
+    )
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"wrote {args.out} ({size / 2**20:.1f} MiB, {denoiser.num_parameters():,} denoiser parameters)")
 

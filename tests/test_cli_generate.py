@@ -1,5 +1,7 @@
 """`xmdpt generate`: single and batch mode on a tiny saved pipeline; bad input is one line and exit code 2."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,14 @@ from tiny_pipeline import SIZE, save_tiny_default
 
 from xmdpt.cli import main
 from xmdpt.data.synthetic import draw_figure, make_identity, random_pose
-from xmdpt.default_model import ENV_VAR, default_model_path, resolve_device
+from xmdpt.default_model import (
+    ENV_VAR,
+    INFO_FILE,
+    default_model_path,
+    read_model_info,
+    resolve_device,
+    write_model_info,
+)
 from xmdpt.errors import InputError
 
 
@@ -142,6 +151,14 @@ def bad_case(files, name):
         "pairs without header": (["--pairs", str(files / "headless.csv"), "--out-dir", str(files / "b")], "header"),
         "guidance not a number": (["--reference", ref, "--pose", pose, "--out", out, "--guidance", "nan"], "finite"),
         "too many steps": (["--reference", ref, "--pose", pose, "--out", out, "--steps", "5000"], "must lie in [1, "),
+        "guidance interval reversed": (
+            ["--reference", ref, "--pose", pose, "--out", out, "--guidance-interval", "800,200"],
+            "0 <= lo <= hi <= 1000",
+        ),
+        "guidance interval not two numbers": (
+            ["--reference", ref, "--pose", pose, "--out", out, "--guidance-interval", "200"],
+            "--guidance-interval '200': give two timesteps",
+        ),
         "output is a folder": (["--reference", ref, "--pose", pose, "--out", str(files / "d.png")], "is a folder"),
         "output under a file": (
             ["--reference", ref, "--pose", pose, "--out", str(files / "pose1.json" / "o.png")],
@@ -162,7 +179,8 @@ def bad_case(files, name):
     "name",
     ["missing reference", "missing pose", "unreadable image", "pose of wrong shape", "model not ours",
      "model folder missing", "unknown sampler", "bad output suffix", "no pose", "pairs without header",
-     "guidance not a number", "too many steps", "output is a folder", "output under a file", "zero-size pose frame",
+     "guidance not a number", "too many steps", "guidance interval reversed", "guidance interval not two numbers",
+     "output is a folder", "output under a file", "zero-size pose frame",
      "device that computes nothing"],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_code_2(files, capsys, name):
@@ -220,3 +238,28 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line(files, capfd, monkeypatch):
     err = capfd.readouterr().err.strip().splitlines()
     assert done.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("error: someone/not-cached: cannot load the pipeline") and "Hugging Face cache" in err[0]
+
+
+def test_guidance_interval_comes_from_the_model_and_the_command_line(files, model_dir, tmp_path, monkeypatch):
+    """The model's `guidance_interval` is the default; --guidance-interval overrides it, `all` guides every step."""
+    base = ["generate", "--reference", str(files / "person1.png"), "--pose", str(files / "pose2.json"), "--steps", "3"]
+    every, middle = files / "every.png", files / "middle.png"
+    main([*base, "--out", str(every), "--guidance", "4"])
+    main([*base, "--out", str(middle), "--guidance", "4", "--guidance-interval", "200,800"])
+    assert not np.array_equal(pixels(every), pixels(middle))
+    with_interval = save_tiny_default(tmp_path / "with-interval")
+    info = json.loads((with_interval / INFO_FILE).read_text())
+    (with_interval / INFO_FILE).write_text(json.dumps({**info, "guidance_interval": [200, 800]}))
+    assert read_model_info(with_interval).guidance_interval == (200.0, 800.0)
+    monkeypatch.setenv(ENV_VAR, str(with_interval))
+    main([*base, "--out", str(files / "model.png"), "--guidance", "4"])
+    np.testing.assert_array_equal(pixels(files / "model.png"), pixels(middle))
+    main([*base, "--out", str(files / "all.png"), "--guidance", "4", "--guidance-interval", "all"])
+    np.testing.assert_array_equal(pixels(files / "all.png"), pixels(every))
+    (with_interval / INFO_FILE).write_text(json.dumps({**info, "guidance_interval": [900, 100]}))
+    with pytest.raises(InputError, match=f"{INFO_FILE}: guidance_interval"):
+        read_model_info(with_interval)
+    write_model_info(with_interval, None, 25, 2.5, (150, 850))  # as the ship script writes it
+    assert read_model_info(with_interval).guidance_interval == (150.0, 850.0)
+    write_model_info(with_interval, None, 25, 2.5)
+    assert read_model_info(with_interval).guidance_interval is None

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize, tiny_inputs, tiny_model
 
-from xmdpt.diffusion import XMDPTLoss, local_contrast, make_train_scheduler, normal_kl
+from xmdpt.diffusion import XMDPTLoss, local_contrast, local_covariance, make_train_scheduler, normal_kl
 
 
 def test_schedule_is_the_published_linear_one():
@@ -170,6 +170,77 @@ def test_texture_term_scores_a_tint_worse_than_the_detail_at_another_phase():
     assert score(textured, tint) == pytest.approx(score(plain, tint) + tint_texture, rel=1e-5)
     # The other phase is charged only where the box window meets the image's edge.
     assert score(textured, shifted) - score(plain, shifted) < 0.1 * tint_texture
+
+
+def test_local_contrast_at_several_lags_tells_grain_from_cells():
+    """One-pixel grain at half the amplitude has the lag-1 contrast of two-pixel stripes; lag 2 tells them apart."""
+    stripes = _stripes(0)  # cells of 2 rows, amplitude 1
+    grain = 0.5 * torch.where((torch.arange(16) % 2 == 0)[None, None, :, None], 1.0, -1.0).expand(1, 3, 16, 12)
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
+    one, two = local_contrast(stripes, lags=(1, 2))[inner], local_contrast(grain, lags=(1, 2))[inner]
+    assert one.shape[1] == 4  # (horizontal, vertical) at lag 1, then at lag 2
+    torch.testing.assert_close(one[:, :2], local_contrast(stripes)[inner])  # lag 1 as before
+    assert one[:, 1].mean() == pytest.approx(two[:, 1].mean())  # the same vertical detail at lag 1
+    assert one[:, 3].mean() == pytest.approx(2.0) and two[:, 3].abs().max() == 0  # not at lag 2
+    for lags in [(), (0,), (1.5,)]:
+        with pytest.raises(ValueError, match="lags"):
+            local_contrast(stripes, lags=lags)
+    with pytest.raises(ValueError, match="lags"):
+        XMDPTLoss(texture_weight=1.0, texture_lags=(0,), decode=lambda z: z)
+
+
+def _two_colour_stripes(a, b, shift: int = 0, period: int = 4, size=(16, 12)) -> torch.Tensor:
+    rows = ((torch.arange(size[0]) + shift) % period < period // 2)[None, None, :, None]
+    a, b = (torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1) for c in (a, b))
+    return torch.where(rows, a, b).expand(1, 3, *size).clone()
+
+
+def test_local_covariance_is_the_pattern_colours_outer_product_whatever_the_phase():
+    a, b = (0.8, -0.6, 0.8), (-0.6, 0.6, -0.6)  # magenta on green
+    stripes = _two_colour_stripes(a, b)
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    cov = local_covariance(stripes)  # (1, 6, H, W)
+    d = torch.tensor(a) - torch.tensor(b)
+    expected = 0.24 * torch.stack([d[i] * d[j] for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))])
+    torch.testing.assert_close(cov[inner], expected.view(1, 6, 1, 1).expand_as(cov[inner]))  # p(1-p) = 2/5 * 3/5
+    torch.testing.assert_close(local_covariance(_two_colour_stripes(a, b, shift=1))[inner], cov[inner])
+    assert local_covariance(torch.full_like(stripes, 0.3)).abs().max() < 1e-6  # a flat tint has none
+    # Stripes in other colours with the same per-pixel contrast: local_contrast cannot tell, the covariance can.
+    other = _two_colour_stripes((0.8, 0.8, -0.6), (-0.6, -0.4, 0.8))
+    torch.testing.assert_close(local_contrast(other), local_contrast(stripes))
+    assert (local_covariance(other)[inner] - cov[inner]).abs().amax() > 0.5
+    with pytest.raises(ValueError, match="RGB"):
+        local_covariance(stripes[:, :2])
+    with pytest.raises(ValueError, match="odd"):
+        local_covariance(stripes, window=2)
+
+
+def test_palette_term_scores_detail_in_the_wrong_colours_worse_than_at_another_phase():
+    """The texture term charges stripes in other colours nothing; with a palette weight they cost more than the
+    right colours at another phase."""
+    decode = lambda z: F.pixel_shuffle(z, 2)  # noqa: E731 - a pixel codec, 12 channels <-> RGB
+    a, b = (0.8, -0.6, 0.8), (-0.6, 0.6, -0.6)
+    x0 = F.pixel_unshuffle(_two_colour_stripes(a, b), 2)
+    shifted = F.pixel_unshuffle(_two_colour_stripes(a, b, shift=2), 2)
+    recoloured = F.pixel_unshuffle(_two_colour_stripes((0.8, 0.8, -0.6), (-0.6, -0.4, 0.8)), 2)
+    t, noise = torch.tensor([500]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    scheduler = make_train_scheduler("sample", learn_sigma=False)
+    plain = XMDPTLoss(scheduler)
+    texture = XMDPTLoss(scheduler, texture_weight=20.0, decode=decode)
+    both = XMDPTLoss(scheduler, texture_weight=20.0, palette_weight=20.0, decode=decode)
+    x_t = plain.scheduler.add_noise(x0, noise, t)
+
+    def extra(objective, prediction):  # what the image terms add to the MSE
+        with_terms = objective.pass_loss(prediction, x0, noise, x_t, t)
+        return (with_terms - plain.pass_loss(prediction, x0, noise, x_t, t)).item()
+
+    assert extra(texture, recoloured) == pytest.approx(0.0, abs=1e-6)
+    assert extra(both, recoloured) > 10 * extra(both, shifted)
+    assert extra(both, x0) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="palette weight needs `decode`"):
+        XMDPTLoss(palette_weight=1.0)
+    with pytest.raises(ValueError, match="palette_weight"):
+        XMDPTLoss(palette_weight=-1.0, decode=decode)
 
 
 def test_texture_term_trains_the_model_and_needs_a_decoder():

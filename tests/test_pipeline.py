@@ -68,6 +68,31 @@ def test_same_seed_same_image_and_conditions_matter(pipe):
     assert not torch.allclose(run(pipe, ref, pose), run(pipe, ref, other_pose), atol=1e-4)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(pipe):
+    ref, pose = inputs()
+    batches = []
+    hook = pipe.denoiser.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        pipe.scheduler.set_timesteps(4)
+        visited = pipe.scheduler.timesteps.tolist()  # 999, 666, 333, 0 (linspace)
+        full = run(pipe, ref, pose, guidance_scale=3.0)
+        unguided = run(pipe, ref, pose, guidance_scale=1.0)
+        batches.clear()
+        middle = run(pipe, ref, pose, guidance_scale=3.0, guidance_interval=(200, 800))
+        public = run(pipe, ref, pose, guidance_scale=3.0, guidance_interval=(200, 800), public_schedule=True)
+    finally:
+        hook.remove()
+    # One batched pass (2B) inside the interval, one conditional pass (B) outside it.
+    assert batches[:4] == [4 if 200 <= t <= 800 else 2 for t in visited] == [2, 4, 4, 2]
+    torch.testing.assert_close(public, middle, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(pipe, ref, pose, guidance_scale=3.0, guidance_interval=(0, 1000)), full)
+    torch.testing.assert_close(run(pipe, ref, pose, guidance_scale=3.0, guidance_interval=(400, 600)), unguided)
+    assert not torch.allclose(middle, full, atol=1e-4) and not torch.allclose(middle, unguided, atol=1e-4)
+    for bad in [(800, 200), (-1, 5), (0, 2000), ("a", "b"), (1, 2, 3), (float("nan"), 5)]:
+        with pytest.raises(InputError, match="guidance_interval"):
+            run(pipe, ref, pose, guidance_interval=bad)
+
+
 def test_ddim_visits_the_public_codes_respaced_timesteps():
     scheduler = make_sampling_scheduler("ddim", make_train_scheduler().config)
     scheduler.set_timesteps(50)

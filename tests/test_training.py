@@ -128,6 +128,8 @@ def test_negative_max_steps_is_refused():
         ("run.on_nan=retry", "on_nan"),
         ("optim.batch_size=6", "multiple"),
         ("objective.texture_weight=-1", "texture_weight"),
+        ("objective.palette_weight=inf", "palette_weight"),
+        ("objective.texture_lags=[1,0]", "texture_lags"),
         ("optim.decay_steps=900000", "decay_steps"),
         ("optim.warmup_steps=-1", "warmup_steps"),
         ("lr", "section.field=value"),

@@ -59,6 +59,7 @@ class Reposer:
     pipe: object
     num_inference_steps: int = 50
     guidance_scale: float = 2.0
+    guidance_interval: tuple[float, float] | None = None  # guide only at timesteps in [lo, hi]; None: every step
     max_upload_mb: float = MAX_UPLOAD_MB
     fit: str = "pad"
 
@@ -122,6 +123,7 @@ class Reposer:
                 guidance_scale=self.guidance_scale,
                 generator=torch.Generator().manual_seed(int(seed)),
                 fit=self.fit,
+                guidance_interval=self.guidance_interval,
             ).images[0]
         path = self.out_dir / f"xmdpt-{uuid.uuid4().hex[:8]}.png"
         image.save(path)

@@ -7,12 +7,13 @@ The default is a small pixel-space X-MDPT trained on the synthetic set, shipped 
 Beside the pipeline, `xmdpt_default.json` records how the model was made and how to sample it:
 
     {"num_identities": 2000, "poses_per_identity": 4, "size": [64, 48], "seed": 0, "test_fraction": 0.1,
-     "masks": true, "pattern_cell": [0.025, 0.06], "num_inference_steps": 25, "guidance_scale": 1.0,
-     "trained": {...}}
+     "masks": true, "pattern_cell": [0.025, 0.06], "num_inference_steps": 25, "guidance_scale": 2.5,
+     "guidance_interval": [200, 800], "trained": {...}}
 
 the `SynthConfig` fields describe the training set (the demo regenerates its held-out identities from them; missing
-ones take their defaults), `num_inference_steps` and `guidance_scale` the sampling defaults (optional; 50 and 2.0
-otherwise), and `trained` where the weights came from. Any pipeline folder may carry this file.
+ones take their defaults), `num_inference_steps`, `guidance_scale` and `guidance_interval` the sampling defaults
+(optional; 50, 2.0 and guidance at every step otherwise), and `trained` where the weights came from. Any pipeline
+folder may carry this file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from xmdpt.data.synthetic import SynthConfig
 from xmdpt.errors import InputError
+from xmdpt.guidance import check_guidance_interval
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class ModelInfo:
     synth: SynthConfig | None = None
     num_inference_steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE
+    guidance_interval: tuple[float, float] | None = None  # guide only at timesteps in [lo, hi]; None: at every step
 
 
 def read_model_info(folder: str | Path | None) -> ModelInfo:
@@ -72,17 +75,28 @@ def read_model_info(folder: str | Path | None) -> ModelInfo:
             synth=synth,
             num_inference_steps=int(obj.get("num_inference_steps", DEFAULT_STEPS)),
             guidance_scale=float(obj.get("guidance_scale", DEFAULT_GUIDANCE)),
+            guidance_interval=check_guidance_interval(obj.get("guidance_interval")),
         )
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
     except (OSError, ValueError, TypeError, AttributeError) as err:
         raise InputError(f"{path}: not a valid {INFO_FILE} ({err})") from None
 
 
 def write_model_info(
-    folder: str | Path, synth: SynthConfig | None, num_inference_steps: int, guidance_scale: float, **extra
+    folder: str | Path,
+    synth: SynthConfig | None,
+    num_inference_steps: int,
+    guidance_scale: float,
+    guidance_interval: tuple[float, float] | None = None,
+    **extra,
 ) -> Path:
     """Write `xmdpt_default.json` beside a saved pipeline (`extra`: more keys, e.g. how it was trained)."""
     info = {} if synth is None else asdict(synth)  # tuples are written as JSON lists
-    info.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **extra)
+    info.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    if guidance_interval is not None:
+        info.update(guidance_interval=list(check_guidance_interval(guidance_interval)))
+    info.update(extra)
     path = Path(folder) / INFO_FILE
     path.write_text(json.dumps(info, indent=1) + "\n")
     return path

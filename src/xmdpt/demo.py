@@ -149,6 +149,20 @@ def texture(image: Image.Image, sigma: float = 1.5) -> np.ndarray:
     return np.stack([gaussian_filter(dx, sigma), gaussian_filter(dy, sigma)])
 
 
+def palette_error(outputs: list[Image.Image], targets: list[Image.Image]) -> float:
+    """The mean squared difference between the `local_covariance` maps (local RGB covariance over 5x5 pixels, blind
+    to phase) of each output and its target, averaged over pairs: what the pattern match, blind to colour, does not
+    see (a check drawn in the wrong colours). Lower is better; 0 for the target itself."""
+    from xmdpt.diffusion import local_covariance
+
+    def covariance(image: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+        return local_covariance(x)[0]  # (6, H, W)
+
+    errors = [(covariance(o) - covariance(t)).pow(2).mean().item() for o, t in zip(outputs, targets, strict=True)]
+    return float(np.mean(errors))
+
+
 def score(outputs: list[Image.Image], pairs: list[HeldOutPair]) -> Scores:
     """Per pair: SSIM and PSNR of the uint8 RGB output against the target, the pose match (is the output nearer, by
     SSIM, to the person in the target pose than in each of their other poses?) and the pattern match (is its texture
@@ -198,9 +212,10 @@ def run_demo(
     guidance_scale: float = 2.0,
     seed: int = 0,
     progress: bool = True,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> DemoResult:
     """Generate `num_pairs` held-out pairs in one batch, score them and the copy-the-reference baseline, and draw
-    the grid."""
+    the grid. `guidance_interval`: see `XMDPTPipeline.__call__`."""
     if num_pairs < 1:
         raise InputError(f"--num-pairs must be at least 1, got {num_pairs}")
     start = time.perf_counter()
@@ -212,6 +227,7 @@ def run_demo(
         guidance_scale=guidance_scale,
         generator=torch.Generator().manual_seed(seed),
         progress=progress,
+        guidance_interval=guidance_interval,
     ).images
     model = score(generated, pairs)
     baseline = score([p.reference for p in pairs], pairs)

@@ -69,14 +69,45 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(dim=1)
 
 
-def local_contrast(images: torch.Tensor, window: int = 3) -> torch.Tensor:
-    """(B, 2, H, W): mean absolute colour difference to the right and to the lower neighbour, box-averaged over
-    `window` pixels: how much horizontal and vertical detail an image has where, whatever its phase. Stripes shifted
-    by half a period have the same map; a flat tint has none."""
+def check_lags(lags: tuple[int, ...]) -> None:
+    if not lags or any(int(lag) != lag or lag < 1 for lag in lags):
+        raise ValueError(f"lags must be whole numbers of pixels >= 1, got {lags}")
+
+
+def local_contrast(images: torch.Tensor, window: int = 3, lags: tuple[int, ...] = (1,)) -> torch.Tensor:
+    """(B, 2 x len(lags), H, W): for each lag, the mean absolute colour difference to the pixel `lag` to the right
+    and `lag` below, box-averaged over `window` pixels: how much horizontal and vertical detail an image has where,
+    whatever its phase. Stripes shifted by half a period have the same map; a flat tint has none. Several lags sample
+    the local autocorrelation, so they also tell the detail's scale: one-pixel grain differs as much at lag 1 as at
+    lag 2, cells of two pixels or more differ more at lag 2."""
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be an odd number of pixels, got {window}")
-    contrast = torch.cat([d.mean(dim=1, keepdim=True) for d in neighbour_differences(images)], dim=1)  # (B, 2, H, W)
-    return F.avg_pool2d(contrast, window, stride=1, padding=window // 2, count_include_pad=False)
+    check_lags(lags)
+    maps = [d.mean(dim=1, keepdim=True) for lag in lags for d in neighbour_differences(images, int(lag))]
+    return F.avg_pool2d(torch.cat(maps, dim=1), window, stride=1, padding=window // 2, count_include_pad=False)
+
+
+# The six distinct entries of a 3x3 colour covariance: RR, GG, BB, RG, RB, GB.
+_COLOUR_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
+def local_covariance(images: torch.Tensor, window: int = 5) -> torch.Tensor:
+    """(B, 6, H, W): the covariance of the RGB colours over a `window` x `window` box around each pixel, a
+    pixel-level Gram statistic (Gatys et al. 2016) that, like `local_contrast`, does not see phase. A two-colour
+    stripe or check of colours a and b gives p(1 - p)(a - b)(a - b)^T, so with the local mean (which the MSE fixes)
+    it pins both colours of the pattern; a flat tint gives zero, and detail in other colours another matrix."""
+    if images.shape[1] != 3:
+        raise ValueError(f"local_covariance needs RGB images (B, 3, H, W), got {tuple(images.shape)}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be an odd number of pixels, got {window}")
+
+    def box(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, window, stride=1, padding=window // 2, count_include_pad=False)
+
+    mean = box(images)  # (B, 3, H, W)
+    products = torch.stack([images[:, i] * images[:, j] for i, j in _COLOUR_PAIRS], dim=1)  # (B, 6, H, W)
+    means = torch.stack([mean[:, i] * mean[:, j] for i, j in _COLOUR_PAIRS], dim=1)  # (B, 6, H, W)
+    return box(products) - means
 
 
 #################################################################################
@@ -131,6 +162,12 @@ class XMDPTLoss:
         a posterior mean, so detail whose phase the noisy input does not yet fix (a fine stripe or check) averages
         to a flat tint; the contrast maps do not see phase, so this term asks for detail of the right kind in the
         right place at any phase, as perceptual losses do.
+    palette_weight: beyond the paper, 0 (off). Adds palette_weight x the squared error between the
+        `local_covariance` maps of the decoded x0 estimate and of the decoded target. The contrast maps are blind to
+        colour (a check in the wrong colours has the same contrast); the covariance asks for detail in the
+        reference's colours.
+    texture_lags: the pixel distances of the texture term's `local_contrast` maps; (1,), neighbours only, by default.
+        More lags also ask for the detail's scale (cells of the right size rather than one-pixel grain).
     decode: latents (B, C, H, W) -> images (B, 3, H', W'), differentiable (the codec's `decode`); needed with a
         texture weight.
     """
@@ -141,6 +178,8 @@ class XMDPTLoss:
         mask_ratio: float = 0.3,
         condition_dropout: float = 0.1,
         texture_weight: float = 0.0,
+        palette_weight: float = 0.0,
+        texture_lags: tuple[int, ...] = (1,),
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.scheduler = scheduler or make_train_scheduler()
@@ -148,13 +187,17 @@ class XMDPTLoss:
             raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
         if not 0 <= condition_dropout <= 1:
             raise ValueError(f"condition_dropout must lie in [0, 1], got {condition_dropout}")
-        if not (texture_weight >= 0 and math.isfinite(texture_weight)):
-            raise ValueError(f"texture_weight must be a finite number >= 0, got {texture_weight}")
-        if texture_weight > 0 and decode is None:
-            raise ValueError("a texture weight needs `decode`, the codec's latents-to-images map")
+        for name, weight in (("texture_weight", texture_weight), ("palette_weight", palette_weight)):
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {weight}")
+            if weight > 0 and decode is None:
+                raise ValueError(f"a {name.replace('_', ' ')} needs `decode`, the codec's latents-to-images map")
         self.mask_ratio = mask_ratio
         self.condition_dropout = condition_dropout
         self.texture_weight = texture_weight
+        self.palette_weight = palette_weight
+        check_lags(texture_lags)
+        self.texture_lags = tuple(int(lag) for lag in texture_lags)
         self.decode = decode
         s = self.scheduler
         alphas_cumprod = s.alphas_cumprod.double()
@@ -208,10 +251,22 @@ class XMDPTLoss:
         nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def target_contrast(self, x0: torch.Tensor) -> torch.Tensor:
-        """The texture term's target: the decoded clean latents' `local_contrast` (B, 2, H', W'), no gradient."""
+    @property
+    def uses_images(self) -> bool:
+        """Whether a term compares decoded images (texture or palette)."""
+        return self.texture_weight > 0 or self.palette_weight > 0
+
+    def image_statistics(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The image terms' statistics of decoded images: (`local_contrast`, `local_covariance`), None where the
+        term is off."""
+        contrast = local_contrast(images, lags=self.texture_lags) if self.texture_weight > 0 else None
+        covariance = local_covariance(images) if self.palette_weight > 0 else None
+        return contrast, covariance
+
+    def target_statistics(self, x0: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The image terms' targets: `image_statistics` of the decoded clean latents, no gradient."""
         with torch.no_grad():
-            return local_contrast(self.decode(x0))
+            return self.image_statistics(self.decode(x0))
 
     def pass_loss(
         self,
@@ -220,19 +275,22 @@ class XMDPTLoss:
         noise: torch.Tensor,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        contrast: torch.Tensor | None = None,
+        targets: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """MSE (+ L_vb with learned sigma, + the texture term) of one model output (B, C or 2C, H, W), per sample.
-        `contrast`: `target_contrast(x0)`, when the caller has it already (both passes share one)."""
+        """MSE (+ L_vb with learned sigma, + the texture and palette terms) of one model output (B, C or 2C, H, W),
+        per sample. `targets`: `target_statistics(x0)`, when the caller has them already (both passes share them)."""
         C = x0.shape[1]
         prediction, v = output[:, :C], output[:, C:]
         loss = mean_flat((prediction.float() - self.target(x0, noise, t)) ** 2)
         if self.learn_sigma:
             loss = loss + self.variational_bound(prediction.float(), v.float(), x0, x_t, t)
-        if self.texture_weight > 0:
-            contrast = self.target_contrast(x0) if contrast is None else contrast
-            estimate = self.decode(self.predicted_x0(prediction.float(), x_t, t))
-            loss = loss + self.texture_weight * mean_flat((local_contrast(estimate) - contrast) ** 2)
+        if self.uses_images:
+            targets = self.target_statistics(x0) if targets is None else targets
+            estimate = self.image_statistics(self.decode(self.predicted_x0(prediction.float(), x_t, t)))
+            weights = (self.texture_weight, self.palette_weight)
+            for weight, ours, theirs in zip(weights, estimate, targets, strict=True):
+                if weight > 0:
+                    loss = loss + weight * mean_flat((ours - theirs) ** 2)
         return loss
 
     def draw(
@@ -278,10 +336,10 @@ class XMDPTLoss:
         x_t = self.scheduler.add_noise(latents, noise, t)
         conditions = (pose_features, reference_features, reference_latent)
 
-        # The texture term's target is decoded once per step, not once per pass (an SD-VAE decode is not cheap).
-        contrast = self.target_contrast(latents) if self.texture_weight > 0 else None
+        # The image terms' targets are decoded once per step, not once per pass (an SD-VAE decode is not cheap).
+        targets = self.target_statistics(latents) if self.uses_images else None
         output = model(x_t, t, *conditions, drop_condition=draws.drop_full, pose_map=pose_map)
-        full = self.pass_loss(output, latents, noise, x_t, t, contrast)
+        full = self.pass_loss(output, latents, noise, x_t, t, targets)
         masked = None
         if draws.ids_keep is not None:
             noise = noise if draws.noise_masked is None else draws.noise_masked.to(latents.dtype)
@@ -289,7 +347,7 @@ class XMDPTLoss:
             output = model(
                 x_t, t, *conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep, pose_map=pose_map
             )
-            masked = self.pass_loss(output, latents, noise, x_t, t, contrast)
+            masked = self.pass_loss(output, latents, noise, x_t, t, targets)
         total = full.mean() + (masked.mean() if masked is not None else 0.0)
         return LossOutput(
             loss=total, full=full.detach(), masked=None if masked is None else masked.detach(), timesteps=t

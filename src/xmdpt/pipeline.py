@@ -11,6 +11,8 @@ Two wastes of the public code are gone, with identical outputs (tests/test_pipel
   and the reference tokens are no longer pushed through every block at every step (only the training-only masked
   pass uses them).
 `public_schedule=True` reproduces the public code's schedule of work, for benchmarks and equivalence tests.
+Beyond the paper, `guidance_interval=(lo, hi)` applies guidance only at timesteps in [lo, hi] (Kynkaenniemi et al.
+2024, "Applying Guidance in a Limited Interval"): elsewhere a step is one conditional pass, so it also saves work.
 Turning photos, paths, keypoint files and driving photos into the model's tensors is `xmdpt.inputs`'s job.
 """
 
@@ -27,6 +29,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 from diffusers.utils import BaseOutput
 
 from xmdpt.errors import InputError
+from xmdpt.guidance import check_guidance_interval
 from xmdpt.inputs import Fit, ImageInput, PoseInput, PoseReader, prepare_inputs
 from xmdpt.models.xmdpt import XMDPT
 from xmdpt.pose.extract import PoseExtractor
@@ -220,9 +223,12 @@ class XMDPTPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         public_schedule: bool = False,
         progress: bool = True,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """The sampling loop from noise to clean latents, given the per-image `conditions` (encoder features and
-        reference latent) and the aggregation vector `condition` (B, D) computed from them."""
+        reference latent) and the aggregation vector `condition` (B, D) computed from them. With a
+        `guidance_interval` (lo, hi), steps at timesteps outside [lo, hi] run unguided (one conditional pass)."""
+        interval = check_guidance_interval(guidance_interval, self.scheduler.config.num_train_timesteps)
         B, C = condition.shape[0], self.denoiser.config.in_channels
         device = condition.device
         if latents is None:
@@ -237,14 +243,15 @@ class XMDPTPipeline(DiffusionPipeline):
         )
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             model_input = self.scheduler.scale_model_input(latents, t)
+            scale = guidance_scale if interval is None or interval[0] <= float(t) <= interval[1] else 1.0
             if public_schedule:
-                out = self.public_guided_prediction(model_input, t, conditions, guidance_scale, guidance_power)
+                out = self.public_guided_prediction(model_input, t, conditions, scale, guidance_power)
             else:
                 out = self.guided_prediction(
                     model_input,
                     t,
                     condition,
-                    guidance_scale,
+                    scale,
                     guidance_power,
                     conditions.get("pose_map"),
                     conditions.get("reference_memory"),
@@ -267,6 +274,7 @@ class XMDPTPipeline(DiffusionPipeline):
         progress: bool = True,
         fit: Fit = "pad",
         pose_extractor: PoseExtractor | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> XMDPTPipelineOutput:
         """Generate the reference person in the target pose.
 
@@ -276,6 +284,7 @@ class XMDPTPipeline(DiffusionPipeline):
         Images and poses are brought to `self.image_size` by `fit` ("pad", "crop" or "stretch"), the pose in the same
         frame; tensors must already be at that size. One reference with several poses is used for each pose.
         `pose_extractor` (a `PoseExtractor`, left open) saves opening MediaPipe per call for driving photos.
+        `guidance_interval` (lo, hi): guide only at timesteps in [lo, hi] (None: at every step, as published).
         Returns PIL images, or with output_type="pt" a tensor (B, 3, H, W) in [-1, 1].
         """
         if output_type not in ("pil", "pt"):
@@ -285,6 +294,7 @@ class XMDPTPipeline(DiffusionPipeline):
             raise InputError(f"num_inference_steps={num_inference_steps} must lie in [1, {T}] (the training schedule)")
         if not math.isfinite(guidance_scale):
             raise InputError(f"guidance_scale={guidance_scale} must be a finite number")
+        guidance_interval = check_guidance_interval(guidance_interval, T)
         for name, value in (("reference_image", reference_image), ("target_pose", target_pose)):
             if isinstance(value, list | tuple) and not value:
                 raise InputError(f"{name} is an empty list: give at least one")
@@ -307,6 +317,7 @@ class XMDPTPipeline(DiffusionPipeline):
             latents,
             public_schedule,
             progress,
+            guidance_interval,
         )
         images = self.codec.decode(latents)
         if output_type == "pt":

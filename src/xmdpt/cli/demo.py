@@ -41,6 +41,7 @@ def demo(
         num_inference_steps=info.num_inference_steps if steps is None else steps,
         guidance_scale=info.guidance_scale,
         seed=seed,
+        guidance_interval=info.guidance_interval,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     result.grid.save(out)

@@ -94,6 +94,22 @@ def read_pairs(csv_path: Path, out_dir: Path) -> tuple[list[PairLine], list[str]
     return lines, problems
 
 
+def parse_guidance_interval(text: str | None) -> tuple[float, float] | str | None:
+    """--guidance-interval: "LO,HI" -> (lo, hi), "all" -> "all" (guide at every step), None -> None (the model's)."""
+    from xmdpt.guidance import check_guidance_interval
+
+    if text is None or text.strip().lower() == "all":
+        return None if text is None else "all"
+    parts = text.split(",")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise InputError(f"--guidance-interval {text!r}: give two timesteps LO,HI (e.g. 200,800) or 'all'")
+    return check_guidance_interval(values)
+
+
 def generate(
     reference: Annotated[Path | None, typer.Option(help="Photo of the person (single mode).")] = None,
     pose: Annotated[
@@ -105,6 +121,10 @@ def generate(
     model: Annotated[str | None, typer.Option(help="Pipeline folder or Hub id; default: the embedded model.")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps; default: the model's (else 50).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale; default: the model's (else 2.0).")] = None,
+    guidance_interval: Annotated[
+        str | None,
+        typer.Option(help="Guide only at timesteps LO,HI (e.g. 200,800), or 'all'; default: the model's (else all)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed (batch line i uses seed + i).")] = 0,
     sampler: Annotated[str | None, typer.Option(help="ddim, dpmsolver++ or ddpm; default: the model's.")] = None,
     fit: Annotated[str, typer.Option(help="Bring photos to the model's frame: pad, crop or stretch.")] = "pad",
@@ -132,6 +152,7 @@ def generate(
         raise InputError(f"--guidance must be a finite number, got {guidance}")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    interval = parse_guidance_interval(guidance_interval)
     if pairs is None:
         check_output_path(out)
         for path, what in ((reference, "reference image"), (pose, "pose file")):
@@ -141,7 +162,7 @@ def generate(
         check_output_folder(out_dir)
         lines, problems = read_pairs(pairs, out_dir)
 
-    runner = Runner.load(model, device, sampler, steps, guidance, seed, fit)
+    runner = Runner.load(model, device, sampler, steps, guidance, interval, seed, fit)
     if pairs is None:
         runner.run([lines[0]], progress=True)
         typer.echo(f"wrote {out}")
@@ -161,11 +182,13 @@ class Runner:
     pipe: object
     steps: int
     guidance: float
+    guidance_interval: tuple[float, float] | None
     seed: int
     fit: str
 
     @classmethod
-    def load(cls, model, device, sampler, steps, guidance, seed, fit) -> Runner:
+    def load(cls, model, device, sampler, steps, guidance, guidance_interval, seed, fit) -> Runner:
+        """`guidance_interval`: from `parse_guidance_interval`; None takes the model's."""
         from xmdpt.default_model import load_pipeline
 
         pipe, info = load_pipeline(model, device)
@@ -173,7 +196,11 @@ class Runner:
             pipe.set_sampler(sampler)
         steps = info.num_inference_steps if steps is None else steps
         guidance = info.guidance_scale if guidance is None else guidance
-        return cls(pipe, steps, guidance, seed, fit)
+        if guidance_interval is None:
+            guidance_interval = info.guidance_interval
+        elif guidance_interval == "all":
+            guidance_interval = None
+        return cls(pipe, steps, guidance, guidance_interval, seed, fit)
 
     def prepare(self, line: PairLine, reader):
         """(reference, skeleton) tensors of one line; raises `InputError` for a bad one."""
@@ -196,6 +223,7 @@ class Runner:
             generator=torch.Generator().manual_seed(self.seed + lines[0].index),
             latents=latents,
             progress=progress,
+            guidance_interval=self.guidance_interval,
         ).images
         failures = []
         for line, image in zip(lines, images, strict=True):

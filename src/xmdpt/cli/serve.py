@@ -45,6 +45,7 @@ def serve(
         pipe,
         num_inference_steps=info.num_inference_steps if steps is None else steps,
         guidance_scale=info.guidance_scale,
+        guidance_interval=info.guidance_interval,
         max_upload_mb=max_upload_mb,
     )
     launch(reposer, host=host, port=port, max_queue=max_queue)

@@ -44,11 +44,12 @@ def transform_input(images: torch.Tensor, mode: str) -> torch.Tensor:
 DINO_IMAGE_SIZE = 224
 
 
-def neighbour_differences(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """|right - self| and |below - self| per channel, each (B, C, H, W) with a zero last column / row: where an
-    image has horizontal and vertical detail, whatever its phase (stripes half a period apart give the same maps)."""
-    dx = F.pad((images[..., :, 1:] - images[..., :, :-1]).abs(), (0, 1))  # (B, C, H, W)
-    dy = F.pad((images[..., 1:, :] - images[..., :-1, :]).abs(), (0, 0, 0, 1))  # (B, C, H, W)
+def neighbour_differences(images: torch.Tensor, lag: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """|right - self| and |below - self| per channel, `lag` pixels apart, each (B, C, H, W) with zeros in the last
+    `lag` columns / rows: where an image has horizontal and vertical detail, whatever its phase (stripes half a period
+    apart give the same maps)."""
+    dx = F.pad((images[..., :, lag:] - images[..., :, :-lag]).abs(), (0, lag))  # (B, C, H, W)
+    dy = F.pad((images[..., lag:, :] - images[..., :-lag, :]).abs(), (0, 0, 0, lag))  # (B, C, H, W)
     return dx, dy
 
 

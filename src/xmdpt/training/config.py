@@ -76,6 +76,8 @@ class ObjectiveConfig:
     mask_ratio: float = 0.3  # 0 disables the masked pass (and the side blocks)
     condition_dropout: float = 0.1
     texture_weight: float = 0.0  # beyond the paper: phase-blind detail term on the decoded x0 estimate (XMDPTLoss)
+    palette_weight: float = 0.0  # beyond the paper: phase-blind colour-covariance term, the same way (XMDPTLoss)
+    texture_lags: list[int] = field(default_factory=lambda: [1])  # the texture term's pixel distances (XMDPTLoss)
 
 
 @dataclass
@@ -188,7 +190,11 @@ def validate(config: TrainConfig) -> None:
         raise InputError(f"model.refine_channels={config.model.refine_channels} must be >= 0 (0: off)")
     if config.model.reference_layers < 0:
         raise InputError(f"model.reference_layers={config.model.reference_layers} must be >= 0 (0: off)")
-    if not (0 <= config.objective.texture_weight < math.inf):
-        raise InputError(f"objective.texture_weight={config.objective.texture_weight} must be a number >= 0")
+    lags = config.objective.texture_lags
+    if not lags or any(not isinstance(lag, int) or isinstance(lag, bool) or lag < 1 for lag in lags):
+        raise InputError(f"objective.texture_lags={lags} must be a list of whole numbers of pixels >= 1")
+    for name in ("texture_weight", "palette_weight"):
+        if not (0 <= getattr(config.objective, name) < math.inf):
+            raise InputError(f"objective.{name}={getattr(config.objective, name)} must be a number >= 0")
     if not 0 <= config.objective.mask_ratio < 1:
         raise InputError(f"objective.mask_ratio={config.objective.mask_ratio} must lie in [0, 1)")

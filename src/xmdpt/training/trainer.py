@@ -220,6 +220,8 @@ class Trainer:
             mask_ratio=config.objective.mask_ratio,
             condition_dropout=config.objective.condition_dropout,
             texture_weight=config.objective.texture_weight,
+            palette_weight=config.objective.palette_weight,
+            texture_lags=tuple(config.objective.texture_lags),
             decode=self.codec.decode,
         )
         self.step_module = TrainStep(self.denoiser, self.pose_encoder, self.reference_encoder, self.objective)
