@@ -1,12 +1,14 @@
 """Score synthetic-set pipelines on held-out pairs: how the README's checkpoint and sampler choices were made.
 
-    python scripts/score_checkpoints.py runs/NAME/checkpoints/step_00001000 runs/NAME/checkpoints/step_00001500
-    python scripts/score_checkpoints.py default --guidance 1.0 1.5 2.0
-    python scripts/score_checkpoints.py default --guidance 2.5 --interval 200 800
+    python scripts/score_checkpoints.py runs/NAME/checkpoints/step_0000{0500,1000} --guidance 1
+    python scripts/score_checkpoints.py default                      # the shipped model at its sampling defaults
+    python scripts/score_checkpoints.py default --guidance 1.0 1.5 --guidance-interval all
+    python scripts/score_checkpoints.py runs/NAME/checkpoints/step_00001000 --guidance 2.5 --guidance-interval 200 800
 
 For each pipeline (a checkpoint folder, its `pipeline` folder, or `default` for the embedded model) and guidance
-scale, runs `xmdpt demo`'s scoring on the pairs of each `--seeds` (32 pairs each, DPM-Solver++ at 25 steps unless
-told) and prints SSIM, PSNR, the pattern match and `xmdpt.demo.palette_error` (local colour covariance against
+scale, runs `xmdpt demo`'s scoring on the pairs of each `--seeds` (32 pairs each, DPM-Solver++; steps, guidance and
+its interval from the folder's `xmdpt_default.json` unless told; a checkpoint's carries the training defaults, so
+give them) and prints SSIM, PSNR, the pattern match and `xmdpt.demo.palette_error` (local colour covariance against
 the ground truth: the pattern's colours, which the pattern match does not see). Lower is better; the same person
 with both garments plain in the right pose scores about 0.0022 and 0.0029 on seeds 1 and 2.
 """
@@ -20,6 +22,7 @@ import torch
 
 from xmdpt.default_model import load_pipeline
 from xmdpt.demo import palette_error, run_demo
+from xmdpt.guidance import check_guidance_interval
 
 
 def main() -> None:
@@ -27,9 +30,11 @@ def main() -> None:
     parser.add_argument("pipelines", nargs="+", help="checkpoint or pipeline folders, or `default`")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--pairs", type=int, default=32)
-    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance interval")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, nargs="+", help="scales to try; default: the model's")
+    parser.add_argument(
+        "--guidance-interval", nargs="+", metavar="LO HI | all", help="guide only at [LO, HI]; default: the model's"
+    )
+    parser.add_argument("--steps", type=int, help="default: the model's")
     parser.add_argument("--sampler", default="dpmsolver++")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core to a training run)")
     args = parser.parse_args()
@@ -40,13 +45,17 @@ def main() -> None:
             folder = folder / "pipeline"
         pipe, info = load_pipeline(folder, "cpu")
         pipe.set_sampler(args.sampler)
-        for guidance in args.guidance:
+        steps = args.steps or info.num_inference_steps
+        interval = info.guidance_interval
+        if args.guidance_interval:
+            interval = None if args.guidance_interval == ["all"] else check_guidance_interval(args.guidance_interval)
+        for guidance in args.guidance or [info.guidance_scale]:
             for seed in args.seeds:
-                result = run_demo(pipe, info.synth, args.pairs, args.steps, guidance, seed, False, args.interval)
+                result = run_demo(pipe, info.synth, args.pairs, steps, guidance, seed, False, interval)
                 m, copy = result.model, result.copy_reference
                 palette = palette_error(result.generated, [p.target for p in result.pairs])
                 print(
-                    f"{name} guidance {guidance:g} interval {args.interval or 'all'} seed {seed}: "
+                    f"{name} guidance {guidance:g} interval {interval or 'all'} steps {steps} seed {seed}: "
                     f"SSIM {m.ssim.mean():.3f} PSNR {m.psnr.mean():.2f} "
                     f"pattern match {m.pattern_match.sum()}/{args.pairs} palette error {palette:.4f} "
                     f"(copying the reference: SSIM {copy.ssim.mean():.3f}, pattern match "

@@ -4,7 +4,7 @@
     xmdpt train -c configs/synthetic-cpu-reference.yaml              # stage 2: about 16 min
     xmdpt train -c configs/synthetic-cpu-texture.yaml                # stage 3: about 2 h 40 min
     xmdpt train -c configs/synthetic-cpu-texture-strong.yaml         # stage 4: about 14 min
-    xmdpt train -c configs/synthetic-cpu-palette.yaml                # stage 5: about 16 min
+    xmdpt train -c configs/synthetic-cpu-palette.yaml                # stage 5: about 19 min
     # reference attention and the refiner add 7 MB in float32; --dtype float16 keeps the folder at 13 MB
     python scripts/ship_default_model.py runs/synthetic-cpu-palette/checkpoints/step_00001000 \
         --config configs/synthetic-cpu-palette.yaml --dtype float16 --guidance 2.5 --guidance-interval 200 800 \

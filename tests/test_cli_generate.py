@@ -153,7 +153,7 @@ def bad_case(files, name):
         "too many steps": (["--reference", ref, "--pose", pose, "--out", out, "--steps", "5000"], "must lie in [1, "),
         "guidance interval reversed": (
             ["--reference", ref, "--pose", pose, "--out", out, "--guidance-interval", "800,200"],
-            "0 <= lo <= hi <= 1000",
+            "--guidance-interval '800,200': guidance_interval=(800, 200) must satisfy 0 <= lo <= hi <= 1000",
         ),
         "guidance interval not two numbers": (
             ["--reference", ref, "--pose", pose, "--out", out, "--guidance-interval", "200"],

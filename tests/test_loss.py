@@ -182,7 +182,7 @@ def test_local_contrast_at_several_lags_tells_grain_from_cells():
     torch.testing.assert_close(one[:, :2], local_contrast(stripes)[inner])  # lag 1 as before
     assert one[:, 1].mean() == pytest.approx(two[:, 1].mean())  # the same vertical detail at lag 1
     assert one[:, 3].mean() == pytest.approx(2.0) and two[:, 3].abs().max() == 0  # not at lag 2
-    for lags in [(), (0,), (1.5,)]:
+    for lags in [(), (0,), (1.5,), (True,), (12,)]:  # 12: not smaller than the 16x12 image
         with pytest.raises(ValueError, match="lags"):
             local_contrast(stripes, lags=lags)
     with pytest.raises(ValueError, match="lags"):

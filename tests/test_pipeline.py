@@ -88,7 +88,7 @@ def test_guidance_interval_guides_only_the_steps_inside_it(pipe):
     torch.testing.assert_close(run(pipe, ref, pose, guidance_scale=3.0, guidance_interval=(0, 1000)), full)
     torch.testing.assert_close(run(pipe, ref, pose, guidance_scale=3.0, guidance_interval=(400, 600)), unguided)
     assert not torch.allclose(middle, full, atol=1e-4) and not torch.allclose(middle, unguided, atol=1e-4)
-    for bad in [(800, 200), (-1, 5), (0, 2000), ("a", "b"), (1, 2, 3), (float("nan"), 5)]:
+    for bad in [(800, 200), (-1, 5), (0, 2000), ("a", "b"), (1, 2, 3), (float("nan"), 5), "28"]:
         with pytest.raises(InputError, match="guidance_interval"):
             run(pipe, ref, pose, guidance_interval=bad)
 

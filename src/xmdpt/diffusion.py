@@ -70,7 +70,7 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_lags(lags: tuple[int, ...]) -> None:
-    if not lags or any(int(lag) != lag or lag < 1 for lag in lags):
+    if not lags or any(isinstance(lag, bool) or int(lag) != lag or lag < 1 for lag in lags):
         raise ValueError(f"lags must be whole numbers of pixels >= 1, got {lags}")
 
 
@@ -83,6 +83,8 @@ def local_contrast(images: torch.Tensor, window: int = 3, lags: tuple[int, ...] 
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be an odd number of pixels, got {window}")
     check_lags(lags)
+    if max(lags) >= min(images.shape[-2:]):
+        raise ValueError(f"lags {lags} must be smaller than the image ({tuple(images.shape[-2:])})")
     maps = [d.mean(dim=1, keepdim=True) for lag in lags for d in neighbour_differences(images, int(lag))]
     return F.avg_pool2d(torch.cat(maps, dim=1), window, stride=1, padding=window // 2, count_include_pad=False)
 

@@ -14,6 +14,8 @@ def check_guidance_interval(
     """`(lo, hi)` as floats with 0 <= lo <= hi <= T, or None (guidance at every step, as published)."""
     if interval is None:
         return None
+    if isinstance(interval, str | bytes):
+        raise InputError(f"guidance_interval={interval!r} must be two timesteps (lo, hi), not a string")
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):

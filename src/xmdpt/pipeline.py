@@ -12,7 +12,8 @@ Two wastes of the public code are gone, with identical outputs (tests/test_pipel
   pass uses them).
 `public_schedule=True` reproduces the public code's schedule of work, for benchmarks and equivalence tests.
 Beyond the paper, `guidance_interval=(lo, hi)` applies guidance only at timesteps in [lo, hi] (Kynkaenniemi et al.
-2024, "Applying Guidance in a Limited Interval"): elsewhere a step is one conditional pass, so it also saves work.
+2024, "Applying Guidance in a Limited Interval"): elsewhere a step is one conditional pass, so it also saves work
+(except with `public_schedule=True`, which runs both passes at every step, as the public code does).
 Turning photos, paths, keypoint files and driving photos into the model's tensors is `xmdpt.inputs`'s job.
 """
 
@@ -241,9 +242,14 @@ class XMDPTPipeline(DiffusionPipeline):
         step_kwargs = (
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
-        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
+        # Which steps are guided, decided once from the schedule (no device sync per step).
+        scales = [
+            guidance_scale if interval is None or interval[0] <= t <= interval[1] else 1.0
+            for t in self.scheduler.timesteps.tolist()
+        ]
+        timesteps = self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps
+        for t, scale in zip(timesteps, scales, strict=True):
             model_input = self.scheduler.scale_model_input(latents, t)
-            scale = guidance_scale if interval is None or interval[0] <= float(t) <= interval[1] else 1.0
             if public_schedule:
                 out = self.public_guided_prediction(model_input, t, conditions, scale, guidance_power)
             else:

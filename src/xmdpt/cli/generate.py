@@ -107,7 +107,10 @@ def parse_guidance_interval(text: str | None) -> tuple[float, float] | str | Non
         values = []
     if len(values) != 2:
         raise InputError(f"--guidance-interval {text!r}: give two timesteps LO,HI (e.g. 200,800) or 'all'")
-    return check_guidance_interval(values)
+    try:
+        return check_guidance_interval(values)
+    except InputError as err:
+        raise InputError(f"--guidance-interval {text!r}: {err}") from None
 
 
 def generate(
