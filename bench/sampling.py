@@ -6,6 +6,11 @@ Sec. 6). Encoders and the VAE run once per image in both and are left out (rando
 
     python bench/sampling.py                  # 256x176 (latent 32x22), batch 1 and 8, fp32
     python bench/sampling.py --steps 10 --batch 1 --dtype bf16
+    python bench/sampling.py --guidance-interval 200 800   # also ours guided only at t in [200, 800]
+
+With `--guidance-interval`, a third column times our schedule guided only inside the interval (one conditional pass
+at the other steps; a different sampler output by design, so no diff is printed for it) and its speed-up over ours
+guided at every step.
 """
 
 from __future__ import annotations
@@ -40,12 +45,13 @@ def conditions(pipe: XMDPTPipeline, batch: int, latent: tuple[int, int]) -> dict
     )
 
 
-def run(pipe, conds, steps, public, dtype) -> tuple[float, torch.Tensor]:
+def run(pipe, conds, steps, public, dtype, interval=None) -> tuple[float, torch.Tensor]:
     noise = torch.randn(conds["reference_latent"].shape, generator=torch.Generator().manual_seed(2))
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
         condition = pipe.embed_condition(conds)
-        out = pipe.denoise(conds, condition, steps, 2.0, latents=noise, public_schedule=public, progress=False)
+        out = pipe.denoise(conds, condition, steps, 2.0, latents=noise, public_schedule=public, progress=False,
+                           guidance_interval=interval)  # fmt: skip
     return time.perf_counter() - start, out.float()
 
 
@@ -56,25 +62,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"))
     args = parser.parse_args()
+    interval = args.guidance_interval
     latent = tuple(int(v) for v in args.latent.split("x"))
     pipe = build(latent, args.preset)
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     print(f"# X-MDPT-{args.preset}, latent {latent[0]}x{latent[1]}, {args.steps} DDIM steps, CFG 2.0, {args.dtype}")
-    print("| batch | public s/image | ours s/image | speed-up | max abs diff |")
-    print("|---|---|---|---|---|")
+    extra = " ours on the interval s/image | interval speed-up |" if interval else ""
+    print(f"| batch | public s/image | ours s/image | speed-up | max abs diff |{extra}")
+    print("|---|---|---|---|---|" + ("---|---|" if interval else ""))
     for batch in args.batch:
         conds = conditions(pipe, batch, latent)
         run(pipe, {k: v[:1] for k, v in conds.items()}, 2, False, args.dtype)  # warm-up
         t_public, out_public = run(pipe, conds, args.steps, True, args.dtype)
         t_ours, out_ours = run(pipe, conds, args.steps, False, args.dtype)
         diff = (out_public - out_ours).abs().max().item()
-        print(
-            f"| {batch} | {t_public / batch:.2f} | {t_ours / batch:.2f} | {t_public / t_ours:.2f}x | {diff:.1e} |",
-            flush=True,
-        )
+        row = f"| {batch} | {t_public / batch:.2f} | {t_ours / batch:.2f} | {t_public / t_ours:.2f}x | {diff:.1e} |"
+        if interval:
+            t_interval, _ = run(pipe, conds, args.steps, False, args.dtype, tuple(interval))
+            row += f" {t_interval / batch:.2f} | {t_ours / t_interval:.2f}x |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
