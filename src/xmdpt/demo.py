@@ -36,6 +36,7 @@ from xmdpt.data.synthetic import (
     render_view,
 )
 from xmdpt.errors import InputError
+from xmdpt.inputs import image_tensor
 from xmdpt.pose.keypoints import DEEPFASHION_FRAME, Pose
 from xmdpt.pose.render import draw_skeleton
 
@@ -156,8 +157,7 @@ def palette_error(outputs: list[Image.Image], targets: list[Image.Image]) -> flo
     from xmdpt.diffusion import local_covariance
 
     def covariance(image: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
-        return local_covariance(x)[0]  # (6, H, W)
+        return local_covariance(image_tensor(image)[None])[0]  # (6, H, W)
 
     errors = [(covariance(o) - covariance(t)).pow(2).mean().item() for o, t in zip(outputs, targets, strict=True)]
     return float(np.mean(errors))

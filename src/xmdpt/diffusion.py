@@ -74,19 +74,24 @@ def check_lags(lags: tuple[int, ...]) -> None:
         raise ValueError(f"lags must be whole numbers of pixels >= 1, got {lags}")
 
 
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """The mean over a `window` x `window` box around each pixel (odd `window`; fewer pixels at the border)."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be an odd number of pixels, got {window}")
+    return F.avg_pool2d(x, window, stride=1, padding=window // 2, count_include_pad=False)
+
+
 def local_contrast(images: torch.Tensor, window: int = 3, lags: tuple[int, ...] = (1,)) -> torch.Tensor:
     """(B, 2 x len(lags), H, W): for each lag, the mean absolute colour difference to the pixel `lag` to the right
     and `lag` below, box-averaged over `window` pixels: how much horizontal and vertical detail an image has where,
     whatever its phase. Stripes shifted by half a period have the same map; a flat tint has none. Several lags sample
     the local autocorrelation, so they also tell the detail's scale: one-pixel grain differs as much at lag 1 as at
     lag 2, cells of two pixels or more differ more at lag 2."""
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be an odd number of pixels, got {window}")
     check_lags(lags)
     if max(lags) >= min(images.shape[-2:]):
         raise ValueError(f"lags {lags} must be smaller than the image ({tuple(images.shape[-2:])})")
     maps = [d.mean(dim=1, keepdim=True) for lag in lags for d in neighbour_differences(images, int(lag))]
-    return F.avg_pool2d(torch.cat(maps, dim=1), window, stride=1, padding=window // 2, count_include_pad=False)
+    return box_mean(torch.cat(maps, dim=1), window)
 
 
 # The six distinct entries of a 3x3 colour covariance: RR, GG, BB, RG, RB, GB.
@@ -100,16 +105,10 @@ def local_covariance(images: torch.Tensor, window: int = 5) -> torch.Tensor:
     it pins both colours of the pattern; a flat tint gives zero, and detail in other colours another matrix."""
     if images.shape[1] != 3:
         raise ValueError(f"local_covariance needs RGB images (B, 3, H, W), got {tuple(images.shape)}")
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be an odd number of pixels, got {window}")
-
-    def box(x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, window, stride=1, padding=window // 2, count_include_pad=False)
-
-    mean = box(images)  # (B, 3, H, W)
+    mean = box_mean(images, window)  # (B, 3, H, W)
     products = torch.stack([images[:, i] * images[:, j] for i, j in _COLOUR_PAIRS], dim=1)  # (B, 6, H, W)
     means = torch.stack([mean[:, i] * mean[:, j] for i, j in _COLOUR_PAIRS], dim=1)  # (B, 6, H, W)
-    return box(products) - means
+    return box_mean(products, window) - means
 
 
 #################################################################################
