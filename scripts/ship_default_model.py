@@ -5,9 +5,10 @@
     xmdpt train -c configs/synthetic-cpu-texture.yaml                # stage 3: about 2 h 40 min
     xmdpt train -c configs/synthetic-cpu-texture-strong.yaml         # stage 4: about 14 min
     xmdpt train -c configs/synthetic-cpu-palette.yaml                # stage 5: about 19 min
+    xmdpt train -c configs/synthetic-cpu-bold.yaml                   # stage 6: about 60 min, bold pattern cells
     # reference attention and the refiner add 7 MB in float32; --dtype float16 keeps the folder at 13 MB
-    python scripts/ship_default_model.py runs/synthetic-cpu-palette/checkpoints/step_00001000 \
-        --config configs/synthetic-cpu-palette.yaml --dtype float16 --guidance 2.5 --guidance-interval 200 800 \
+    python scripts/ship_default_model.py runs/synthetic-cpu-bold/checkpoints/step_00004000 \
+        --config configs/synthetic-cpu-bold.yaml --dtype float16 --guidance 2.5 --guidance-interval 200 800 \
         --steps 25 --sampler dpmsolver++
 
 Writes `src/xmdpt/assets/default/`: an `XMDPTPipeline` folder (safetensors) without the training-only side blocks,

@@ -116,11 +116,13 @@ def test_shipped_model_beats_copying_the_reference(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     torch.set_num_threads(2)  # the promise is for 2 CPU cores
     pipe, info = load_pipeline(None, "cpu")
-    result = run_demo(pipe, info.synth, 8, info.num_inference_steps, info.guidance_scale, progress=False)
+    sampling = (info.num_inference_steps, info.guidance_scale)
+    result = run_demo(pipe, info.synth, 8, *sampling, progress=False, guidance_interval=info.guidance_interval)
     assert result.model.ssim.mean() > result.copy_reference.ssim.mean()
     assert result.model.psnr.mean() > result.copy_reference.psnr.mean()
     assert result.model.pose_match.mean() >= 0.75  # the figure stands in the target pose, not the reference's
-    assert result.model.pattern_match.mean() >= 3 / 8  # garment patterns well above chance (1/9); 6/8 when shipped
+    # Garment patterns well above chance (1/9): 4/8 when shipped, copying the reference 3/8.
+    assert result.model.pattern_match.mean() >= 3 / 8
     assert result.seconds < 60
 
 

@@ -7,7 +7,7 @@ The default is a small pixel-space X-MDPT trained on the synthetic set, shipped 
 Beside the pipeline, `xmdpt_default.json` records how the model was made and how to sample it:
 
     {"num_identities": 2000, "poses_per_identity": 4, "size": [64, 48], "seed": 0, "test_fraction": 0.1,
-     "masks": true, "pattern_cell": [0.025, 0.06], "num_inference_steps": 25, "guidance_scale": 2.5,
+     "masks": true, "pattern_cell": [0.08, 0.14], "num_inference_steps": 25, "guidance_scale": 2.5,
      "guidance_interval": [200, 800], "trained": {...}}
 
 the `SynthConfig` fields describe the training set (the demo regenerates its held-out identities from them; missing
