@@ -4,18 +4,21 @@
     python scripts/score_checkpoints.py default                      # the shipped model at its sampling defaults
     python scripts/score_checkpoints.py default --guidance 1.0 1.5 --guidance-interval all
     python scripts/score_checkpoints.py runs/NAME/checkpoints/step_00001000 --guidance 2.5 --guidance-interval 200 800
+    python scripts/score_checkpoints.py runs/synthetic-cpu-palette/checkpoints/step_00001000 --pattern-cell 0.08 0.14
 
 For each pipeline (a checkpoint folder, its `pipeline` folder, or `default` for the embedded model) and guidance
 scale, runs `xmdpt demo`'s scoring on the pairs of each `--seeds` (32 pairs each, DPM-Solver++; steps, guidance and
 its interval from the folder's `xmdpt_default.json` unless told; a checkpoint's carries the training defaults, so
-give them) and prints SSIM, PSNR, the pattern match and `xmdpt.demo.palette_error` (local colour covariance against
-the ground truth: the pattern's colours, which the pattern match does not see). Lower is better; the same person
-with both garments plain in the right pose scores about 0.0022 and 0.0029 on seeds 1 and 2.
+give them; `--pattern-cell` draws the pairs with another cell range than the model's set) and prints SSIM, PSNR, the
+pattern match and `xmdpt.demo.palette_error` (local colour covariance against the ground truth: the pattern's
+colours, which the pattern match does not see). Lower is better; the same person with both garments plain in the
+right pose scores about 0.0022 and 0.0029 on seeds 1 and 2.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,6 +39,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, help="default: the model's")
     parser.add_argument("--sampler", default="dpmsolver++")
+    parser.add_argument("--pattern-cell", type=float, nargs=2, help="override the set's cell range (LOW HIGH)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core to a training run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,13 +49,14 @@ def main() -> None:
             folder = folder / "pipeline"
         pipe, info = load_pipeline(folder, "cpu")
         pipe.set_sampler(args.sampler)
+        synth = info.synth if args.pattern_cell is None else replace(info.synth, pattern_cell=tuple(args.pattern_cell))
         steps = args.steps or info.num_inference_steps
         interval = info.guidance_interval
         if args.guidance_interval:
             interval = None if args.guidance_interval == ["all"] else check_guidance_interval(args.guidance_interval)
         for guidance in args.guidance or [info.guidance_scale]:
             for seed in args.seeds:
-                result = run_demo(pipe, info.synth, args.pairs, steps, guidance, seed, False, interval)
+                result = run_demo(pipe, synth, args.pairs, steps, guidance, seed, False, interval)
                 m, copy = result.model, result.copy_reference
                 palette = palette_error(result.generated, [p.target for p in result.pairs])
                 print(

@@ -116,8 +116,15 @@ def test_shipped_model_beats_copying_the_reference(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     torch.set_num_threads(2)  # the promise is for 2 CPU cores
     pipe, info = load_pipeline(None, "cpu")
-    sampling = (info.num_inference_steps, info.guidance_scale)
-    result = run_demo(pipe, info.synth, 8, *sampling, progress=False, guidance_interval=info.guidance_interval)
+    result = run_demo(
+        pipe,
+        info.synth,
+        8,
+        info.num_inference_steps,
+        info.guidance_scale,
+        progress=False,
+        guidance_interval=info.guidance_interval,
+    )
     assert result.model.ssim.mean() > result.copy_reference.ssim.mean()
     assert result.model.psnr.mean() > result.copy_reference.psnr.mean()
     assert result.model.pose_match.mean() >= 0.75  # the figure stands in the target pose, not the reference's
