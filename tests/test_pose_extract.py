@@ -121,3 +121,79 @@ def test_native_stderr_is_silenced_inside_only(capfd):
     native(b"again\n")
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "before\nafter\n"
+
+
+def test_outputs_never_replace_an_input_photo(astronaut, tmp_path, capsys):
+    # `--out` beside the photo: the cropped copy astronaut.png would replace the photo itself (issue 18 item 4).
+    # Refused before MediaPipe opens, so this holds with or without it installed.
+    photo = tmp_path / "astronaut.png"
+    photo.write_bytes(astronaut.read_bytes())
+    before = photo.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(["pose", str(photo), "--out", str(tmp_path), "--size", "256x176", "--fit", "crop"])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: {photo}: ") and "write over this input" in err[0]
+    assert photo.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["astronaut.png"]
+    # relative paths, as typed: `xmdpt pose astronaut.png --out .`
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit):
+            main(["pose", "astronaut.png", "--out", "."])
+    finally:
+        os.chdir(cwd)
+    assert "astronaut.png: --out . would write over this input" in capsys.readouterr().err
+    assert photo.read_bytes() == before
+    # another photo's preview name is an input too
+    preview = tmp_path / "astronaut_skeleton.png"
+    preview.write_bytes(before)
+    with pytest.raises(SystemExit):
+        main(["pose", str(photo), str(preview), "--out", str(tmp_path)])
+    assert "would write over this input" in capsys.readouterr().err
+
+
+def test_two_photos_of_one_name_do_not_share_outputs(astronaut, tmp_path, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "person.png").write_bytes(astronaut.read_bytes())
+    first, second = tmp_path / "a" / "person.png", tmp_path / "b" / "person.png"
+    with pytest.raises(SystemExit) as exc:
+        main(["pose", str(first), str(second), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {second}: its outputs would overwrite those of {first} (person.png)")
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_names_keep_the_whole_stem(tmp_path):
+    from xmdpt.cli.pose import output_paths
+
+    photo, keypoints, preview = output_paths(tmp_path, tmp_path / "in" / "look.v2.jpg")
+    assert (photo.name, keypoints.name, preview.name) == ("look.v2.png", "look.v2.json", "look.v2_skeleton.png")
+
+
+def run_cli(*args, cwd):
+    """`xmdpt` in a fresh process: MediaPipe's native code writes to the process's file descriptor 2."""
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "xmdpt", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@needs_mediapipe
+def test_pose_cli_prints_nothing_of_mediapipe(astronaut, tmp_path):
+    # Before, four native lines (TFLite's XNNPACK INFO, absl's pre-init WARNING and its W-lines) came out, some from
+    # the graph's own threads after the model had started, racing the silenced calls.
+    empty = tmp_path / "empty.png"
+    Image.new("RGB", (200, 300), (120, 160, 200)).save(empty)
+    done = run_cli("pose", str(astronaut), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and "of 18 joints" in done.stdout
+    failed = run_cli("pose", str(empty), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert failed.returncode == 2
+    assert failed.stderr == f"error: {empty}: no person found in the image\n"

@@ -31,7 +31,10 @@ def convert(
 
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
+    grid_size = parse_size(grid) if grid else None
     try:
-        convert_public_checkpoint(checkpoint, out_dir, parse_size(grid) if grid else None, decode_layers)
+        convert_public_checkpoint(checkpoint, out_dir, grid_size, decode_layers)
+    except InputError:  # names the checkpoint already (an InputError is a ValueError: prefixing it doubled the path)
+        raise
     except ValueError as err:  # options that do not fit the checkpoint's model
         raise InputError(f"{checkpoint}: {err}") from None

@@ -1,8 +1,8 @@
 """Safe image loading: every way a user's picture can be odd ends as RGB or as one `InputError` naming the file.
 
 Handled: EXIF orientation (phones store portraits sideways and flag them), grey / palette / alpha / CMYK / 16-bit
-modes, truncated or corrupt files, and decompression bombs (a small file that claims an enormous canvas), which are
-refused from the header alone before any pixel is decoded.
+modes, truncated or corrupt files, unreadable (permission) files, and decompression bombs or strips (a small file that
+claims an enormous canvas, or 20000x1 pixels), which are refused from the header alone before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -15,12 +15,41 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from xmdpt.errors import InputError, require_file
 
-# PIL's own warning threshold (about 89 megapixels): far above any photo a pose model needs, far below a bomb.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# The largest photo a current camera writes (50-megapixel phone sensors at full resolution: 8160x6120) fits; it
+# decodes into about 200 MB. Beyond is a decompression bomb or a picture to shrink first, and every input path
+# (CLI, Python API, web page) decodes the whole picture before bringing it into the model's small frame.
+MAX_PIXELS = 50_000_000
+# Long side over short side. A standing person is about 2:1 to 3:1, a group shot or panorama crop up to about 6:1;
+# beyond 8:1 the picture is a strip, not a person photo, and padding it into a portrait frame multiplies its memory.
+MAX_ASPECT = 8
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, background: tuple[int, int, int] = (255, 255, 255)):
+def check_image_size(
+    width: int, height: int, source: str, max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT
+) -> None:
+    """Refuse, naming `source`, a picture size that cannot be a person photo: too many pixels, or too thin."""
+    if width < 1 or height < 1:
+        raise InputError(f"{source}: image is {width}x{height} pixels, empty")
+    if width * height > max_pixels:
+        raise InputError(
+            f"{source}: image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} (a decompression bomb, or a photo to shrink first)"
+        )
+    long, short = max(width, height), min(width, height)
+    if long > max_aspect * short:
+        raise InputError(
+            f"{source}: image is {width}x{height} pixels, {long / short:,.1f}:1; a person photo lies within "
+            f"{max_aspect:g}:1 (crop it to the person first)"
+        )
+
+
+def load_image(
+    path: str | Path,
+    max_pixels: int = MAX_PIXELS,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_aspect: float = MAX_ASPECT,
+):
     """Open `path` as an 8-bit RGB PIL image in display orientation.
 
     Transparent pixels are composited over `background` (white, like DeepFashion's studio backdrop) rather than
@@ -33,12 +62,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, background: tuple
             # PIL warns (rather than raises) between 1x and 2x its limit; our own size check below decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise InputError(
-                        f"{path}: image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                        f"{max_pixels:,} (a decompression bomb, or a photo to shrink first)"
-                    )
+                check_image_size(*img.size, str(path), max_pixels, max_aspect)  # from the header, before decoding
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img, background)
@@ -48,6 +72,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, background: tuple
         raise InputError(f"{path}: refused as a decompression bomb ({err})") from err
     except UnidentifiedImageError as err:
         raise InputError(f"{path}: not a readable image ({err})") from err
+    except PermissionError:
+        # An OSError like the decoders' own, but the file is fine: the user lacks the right to read it.
+        raise InputError(f"{path}: cannot read the image file: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         # Truncated JPEG/PNG data, bad chunks and CRC errors all arrive here from the decoders.
         raise InputError(f"{path}: corrupt or truncated image ({err})") from err

@@ -10,6 +10,7 @@ the midpoint of the shoulders.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -30,6 +31,11 @@ BLAZEPOSE_TO_COCO18 = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 
 NECK, RIGHT_SHOULDER, LEFT_SHOULDER = 1, 2, 5
 Fit = Literal["crop", "pad", "stretch"]
 FITS = ("crop", "pad", "stretch")
+# "pad" builds a white canvas around the photo before resizing it; for a large photo whose aspect is far from the
+# frame's, that canvas is many times the photo (a 50-megapixel panorama padded into a portrait frame: over 2 GB).
+# Beyond this many canvas pixels the photo is first shrunk by a whole factor (a box filter), which moves nothing in
+# the model's frame by more than a small fraction of a pixel; photos of ordinary size keep the exact result.
+MAX_PAD_CANVAS = 16_000_000
 
 
 class MissingDependencyError(InputError):
@@ -74,6 +80,9 @@ def fit_image(image: Image.Image, size: tuple[int, int] | None, fit: Fit = "crop
     if fit == "crop":
         image = image.crop((left, top, left + win_w, top + win_h))
     elif fit == "pad":
+        if win_w * win_h > MAX_PAD_CANVAS:
+            image = image.reduce(math.ceil(math.sqrt(win_w * win_h / MAX_PAD_CANVAS)))
+            left, top, win_h, win_w = fit_window(image.height, image.width, size, fit)
         canvas = Image.new("RGB", (win_w, win_h), (255, 255, 255))
         canvas.paste(image, (-left, -top))
         image = canvas
@@ -124,9 +133,14 @@ class PoseExtractor:
             self._pose = mp.solutions.pose.Pose(
                 static_image_mode=True, model_complexity=1, enable_segmentation=False, min_detection_confidence=0.5
             )
+            # The graph opens its models on its own threads after the constructor returns, and they log as they do
+            # (TFLite's XNNPACK line, absl's warnings), racing whatever runs next. A first detection waits until
+            # every model is open, so those lines land here, in the silence; static_image_mode keeps no state.
+            self._pose.process(np.full((8, 8, 3), 255, np.uint8))
 
     def close(self) -> None:
-        self._pose.close()
+        with native_stderr_silenced():
+            self._pose.close()
 
     def __enter__(self) -> PoseExtractor:
         return self

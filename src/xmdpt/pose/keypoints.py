@@ -19,14 +19,16 @@ File formats:
        "joints": ["nose", "neck", ...],          # optional: the names, for people reading the file
        "image": "photo.png"}                     # optional: the image these keypoints belong to
 
-Loading a file validates it (18 joints, finite numbers, inside the frame, at least one joint present) and raises
-`InputError` naming the file (and line) otherwise; poses made in code (augmentation) may leave the frame.
+Loading a file validates it (at most `MAX_POSE_FILE_BYTES`, 18 joints, finite numbers written as numbers, inside the
+frame, at least one joint present) and raises `InputError` naming the file (and line) otherwise, whatever the file
+holds; poses made in code (augmentation) may leave the frame.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,22 @@ PIDM_FRAME = (256, 256)
 PIDM_PAD = 40  # (256 - 176) / 2: the PIDM/NTED pose files keep In-shop's white side bands
 JSON_FORMAT = "openpose-18"
 MAX_FRAME = 100_000  # pixels: a frame side beyond this is a malformed file, not a photo
+# One pose is about 1.5 kB of our JSON or 150 bytes of PIDM text. A larger file is not a pose file, and reading and
+# parsing an arbitrary one costs time and memory before it can be refused (100 MB: 80 s and 6.7 GB).
+MAX_POSE_FILE_BYTES = 1_000_000
+# Digits of a JSON integer: no frame side or coordinate needs more, and Python refuses to convert over 4300 anyway.
+MAX_INT_DIGITS = 20
+# Values quoted in messages are cut short: a bad file may hold a megabyte on one line, or lists nested 1000 deep.
+_short_repr = reprlib.Repr()  # keyword arguments to Repr() need Python 3.12
+_short_repr.maxlevel, _short_repr.maxlist, _short_repr.maxstring, _short_repr.maxlong = 3, 4, 40, 40
+_short_repr.maxother = 40
+
+
+def _quote(value: object) -> str:
+    try:
+        return _short_repr.repr(value)
+    except ValueError:  # an int of over 4300 digits has no repr
+        return f"<{type(value).__name__}>"
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +96,8 @@ class Pose:
         xy = np.array(self.xy, dtype=np.float64).reshape(-1, 2) if np.size(self.xy) else np.zeros((0, 2))
         if xy.shape != (NUM_JOINTS, 2):
             raise ValueError(f"a pose needs {NUM_JOINTS} (x, y) joints, got shape {np.shape(self.xy)}")
+        if not (1 <= self.height and 1 <= self.width):  # also refuses NaN sizes
+            raise InputError(f"a pose's frame needs a positive height and width, got {self.height!r} x {self.width!r}")
         xy[np.isnan(xy).any(axis=1)] = np.nan  # half-missing joints are missing
         xy.setflags(write=False)
         object.__setattr__(self, "xy", xy)
@@ -155,11 +175,11 @@ class Pose:
         values = []
         for number, row in enumerate(rows, start=1):
             if len(row) != 2:
-                raise InputError(f"{source}:{number}: expected two numbers 'x y', got {' '.join(row)!r}")
+                raise InputError(f"{source}:{number}: expected two numbers 'x y', got {_quote(' '.join(row))}")
             try:
                 values.append([float(row[0]), float(row[1])])
             except ValueError:
-                raise InputError(f"{source}:{number}: not numbers: {' '.join(row)!r}") from None
+                raise InputError(f"{source}:{number}: not numbers: {_quote(' '.join(row))}") from None
         xy = np.array(values)
         if not np.isfinite(xy).all():
             raise InputError(f"{source}: keypoints contain NaN or infinity")
@@ -172,11 +192,7 @@ class Pose:
     @classmethod
     def from_pidm_file(cls, path: str | Path) -> Pose:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"{path}: cannot read pose file ({err})") from err
-        return cls.from_pidm_text(text, str(path))
+        return cls.from_pidm_text(read_pose_text(path), str(path))
 
     def to_pidm_text(self) -> str:
         """PIDM rows `x y` in the padded 256x256 frame; floats are written exactly, whole numbers as integers."""
@@ -193,12 +209,12 @@ class Pose:
         if not isinstance(obj, dict) or "keypoints" not in obj:
             raise InputError(f"{source}: not an {JSON_FORMAT} keypoint file (no 'keypoints' list)")
         if obj.get("format", JSON_FORMAT) != JSON_FORMAT:
-            raise InputError(f"{source}: format is {obj.get('format')!r}, expected {JSON_FORMAT!r}")
+            raise InputError(f"{source}: format is {_quote(obj.get('format'))}, expected {JSON_FORMAT!r}")
         height, width = obj.get("height"), obj.get("width")
         if not all(type(v) is int and 0 < v <= MAX_FRAME for v in (height, width)):
             raise InputError(
                 f"{source}: needs integer 'height' and 'width' of the image frame in [1, {MAX_FRAME}], "
-                f"got {height!r} x {width!r}"
+                f"got {_quote(height)} x {_quote(width)}"
             )
         points = obj["keypoints"]
         if not isinstance(points, list) or len(points) != NUM_JOINTS:
@@ -209,11 +225,15 @@ class Pose:
             if point is None:
                 continue
             if not (isinstance(point, list | tuple) and len(point) == 2):
-                raise InputError(f"{source}: joint {i} ({JOINT_NAMES[i]}) must be [x, y] or null, got {point!r}")
+                raise InputError(f"{source}: joint {i} ({JOINT_NAMES[i]}) must be [x, y] or null, got {_quote(point)}")
+            # JSON numbers only: float() would also take true/false (1, 0) and "12" (a number written as a string),
+            # which are typing mistakes in a hand-edited file, not coordinates.
+            if not all(_is_number(v) for v in point):
+                raise InputError(f"{source}: joint {i} ({JOINT_NAMES[i]}) is not two numbers: {_quote(point)}")
             try:
                 xy[i] = [float(point[0]), float(point[1])]
-            except (TypeError, ValueError):
-                raise InputError(f"{source}: joint {i} ({JOINT_NAMES[i]}) is not numeric: {point!r}") from None
+            except OverflowError:  # an integer beyond float's range
+                xy[i] = np.inf
             if not np.isfinite(xy[i]).all():
                 raise InputError(f"{source}: joint {i} ({JOINT_NAMES[i]}) is NaN or infinite; write null if missing")
         return validated(xy, height, width, source)
@@ -221,12 +241,17 @@ class Pose:
     @classmethod
     def load_json(cls, path: str | Path) -> Pose:
         path = Path(path)
+        text = read_pose_text(path, "keypoint file")
         try:
-            obj = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{path}: keypoint file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"{path}: not valid JSON ({err})") from err
+            obj = json.loads(text, parse_int=_json_int)
+        except _LongNumber as err:
+            raise InputError(
+                f"{path}: a number of {err.args[0]:,} digits; no keypoint or frame size has that many"
+            ) from None
+        except RecursionError:
+            raise InputError(f"{path}: JSON nested too deeply to be a keypoint file") from None
+        except ValueError as err:  # json.JSONDecodeError
+            raise InputError(f"{path}: not valid JSON ({str(err).splitlines()[0][:200]})") from None
         return cls.from_json(obj, str(path))
 
     def to_json(self, scores: Sequence[float | None] | None = None, image: str | None = None) -> dict:
@@ -245,6 +270,44 @@ class Pose:
 
     def save_json(self, path: str | Path, **kwargs) -> None:
         Path(path).write_text(json.dumps(self.to_json(**kwargs), indent=1) + "\n")
+
+
+class _LongNumber(Exception):
+    """Raised inside the JSON parser for an integer of too many digits (args: the digit count)."""
+
+
+def _json_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS + 1:  # + a sign
+        raise _LongNumber(len(text.lstrip("-")))
+    return int(text)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+
+
+def read_pose_text(path: Path, what: str = "pose file") -> str:
+    """The text of a pose file of at most `MAX_POSE_FILE_BYTES`, read no further: a larger one (or an endless
+    device) is refused before it is parsed, and every failure is one line naming the file."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_POSE_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: {what} is a folder") from None
+    except PermissionError:
+        raise InputError(f"{path}: cannot read the {what}: permission denied") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the {what} ({err.strerror or type(err).__name__})") from None
+    if len(data) > MAX_POSE_FILE_BYTES:
+        raise InputError(
+            f"{path}: {what} is over {MAX_POSE_FILE_BYTES:,} bytes; a pose file is a few kB (is it the right file?)"
+        )
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark from a Windows editor is harmless
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: {what} is not UTF-8 text") from None
 
 
 def validated(xy: np.ndarray, height: int, width: int, source: str) -> Pose:
@@ -271,10 +334,12 @@ def _number_list(values: Sequence[float], axis: str, source: str) -> np.ndarray:
         raise InputError(f"{source}: the {axis} keypoints must be a list of {NUM_JOINTS} numbers")
     if len(values) != NUM_JOINTS:
         raise InputError(f"{source}: expected {NUM_JOINTS} {axis} values, got {len(values)}")
+    if not all(_is_number(v) for v in values):  # as in our JSON: no true/false, no numbers written as strings
+        raise InputError(f"{source}: the {axis} keypoints are not all numbers")
     try:
         arr = np.array([float(v) for v in values])
-    except (TypeError, ValueError):
-        raise InputError(f"{source}: the {axis} keypoints are not all numbers") from None
+    except OverflowError:  # an integer beyond float's range
+        raise InputError(f"{source}: the {axis} keypoints hold a number beyond any frame") from None
     if np.isnan(arr).any():
         raise InputError(f"{source}: the {axis} keypoints contain NaN (write -1 for a missing joint)")
     return arr

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional  # noqa: UP035 - OmegaConf's structured configs need typing.Optional
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from xmdpt.errors import InputError
@@ -98,7 +98,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     out_dir: str = "runs/xmdpt"
-    seed: int = 0
+    seed: int = 0  # 0 .. MAX_SEED (999,999): the trainer folds it into 64-bit torch seeds
     checkpoint_every: int = 10_000
     keep_last: int = 3
     log_every: int = 50
@@ -136,21 +136,45 @@ CHOICES = {
 }
 
 
+# The trainer folds (seed, epoch, index) and (seed, micro-batch) into single torch seeds, which must fit in 64 bits
+# (`SeededItems`, `draw_seed`: seed x 1e13 and seed x 8e12); every seed up to this one does, for any epoch.
+MAX_SEED = 999_999
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults <- YAML file <- `section.field=value` overrides, type-checked against the dataclasses."""
     merged = OmegaConf.structured(TrainConfig)
+    where = "override: "
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: {'a folder, not a config file' if path.is_dir() else 'no such config file'}")
-        merged = _merge(merged, lambda: OmegaConf.load(path), f"{path}: ")
+        merged = _merge(merged, lambda: _load_yaml(path), f"{path}: ")
+        where = f"{path} with the overrides: " if overrides else f"{path}: "
     for item in overrides or []:
         if "=" not in item:
             raise InputError(f"override {item!r} must look like section.field=value, e.g. optim.lr=3e-4")
     merged = _merge(merged, lambda: OmegaConf.from_dotlist(list(overrides or [])), "override: ")
-    config: TrainConfig = OmegaConf.to_object(merged)
+    try:  # `${...}` interpolations resolve here: a missing key, a loop or a value of the wrong type fails now
+        config: TrainConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise InputError(f"{where}{str(err).splitlines()[0]}") from None
     validate(config)
     return config
+
+
+def _load_yaml(path: Path):
+    """The YAML file as a mapping of sections (OmegaConf also loads a top-level list, and calls a number OSError)."""
+    expected = f"{path}: the top level must map sections to settings (model:, data:, optim:, ...)"
+    try:
+        loaded = OmegaConf.load(path)
+    except PermissionError:
+        raise InputError(f"{path}: cannot read the config file: permission denied") from None
+    except OSError as err:  # "Invalid loaded object type: int"
+        raise InputError(f"{expected}, not a single value ({err})") from None
+    if not isinstance(loaded, DictConfig):
+        raise InputError(f"{expected}, not a list")
+    return loaded
 
 
 def _merge(base, load, where: str):
@@ -159,6 +183,25 @@ def _merge(base, load, where: str):
         return OmegaConf.merge(base, load())
     except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as err:
         raise InputError(f"{where}{str(err).splitlines()[0]}") from None
+
+
+def model_sizes(model: ModelConfig) -> dict[str, int]:
+    """hidden_size, depth and num_heads: the preset's, each overridden where given; the ones still unknown are
+    missing (a null preset needs all three)."""
+    from xmdpt.models.xmdpt import XMDPT_PRESETS
+
+    sizes = dict(XMDPT_PRESETS[model.preset]) if model.preset else {}
+    for key in ("hidden_size", "depth", "num_heads"):
+        if getattr(model, key) is not None:
+            sizes[key] = getattr(model, key)
+    return sizes
+
+
+def _in_range(value: float, name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """Refuse NaN, infinity and values outside [low, high] (or (low, high] when `low_open`)."""
+    if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
+        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+        raise InputError(f"{name}={value} must be a finite number {bound}")
 
 
 def validate(config: TrainConfig) -> None:
@@ -176,6 +219,13 @@ def validate(config: TrainConfig) -> None:
 
         synth_config(config)  # raises on bad values
     o = config.optim
+    _in_range(o.lr, "optim.lr", 0, low_open=True)
+    _in_range(o.weight_decay, "optim.weight_decay", 0)
+    _in_range(o.ema_decay, "optim.ema_decay", 0, 1)
+    if o.grad_clip is not None:
+        _in_range(o.grad_clip, "optim.grad_clip", 0, low_open=True)
+    if o.ema_start < 0:
+        raise InputError(f"optim.ema_start={o.ema_start} must be >= 0")
     if o.max_steps < 0:
         raise InputError(f"optim.max_steps={o.max_steps} must be >= 0")
     if o.warmup_steps < 0 or not 0 <= o.decay_steps <= o.max_steps:
@@ -198,3 +248,51 @@ def validate(config: TrainConfig) -> None:
             raise InputError(f"objective.{name}={getattr(config.objective, name)} must be a number >= 0")
     if not 0 <= config.objective.mask_ratio < 1:
         raise InputError(f"objective.mask_ratio={config.objective.mask_ratio} must lie in [0, 1)")
+    _in_range(config.objective.condition_dropout, "objective.condition_dropout", 0, 1)
+    _in_range(config.data.scale, "data.scale", 0)
+    if config.data.num_workers < 0:
+        raise InputError(f"data.num_workers={config.data.num_workers} must be >= 0 (0: load in the main process)")
+    r = config.run
+    if not 0 <= r.seed <= MAX_SEED:
+        raise InputError(f"run.seed={r.seed} must lie in [0, {MAX_SEED:,}]")
+    for name in ("checkpoint_every", "log_every"):  # the trainer takes the step modulo these
+        if getattr(r, name) < 1:
+            raise InputError(f"run.{name}={getattr(r, name)} must be >= 1")
+    if r.sample_every < 0:
+        raise InputError(f"run.sample_every={r.sample_every} must be >= 0 (0: never)")
+    if r.sample_every and r.sample_pairs > 0 and r.sample_steps < 1:
+        raise InputError(f"run.sample_steps={r.sample_steps} must be >= 1 (or run.sample_every=0: no samples)")
+    _validate_model(config)
+
+
+def _validate_model(config: TrainConfig) -> None:
+    """What the denoiser and the encoders would refuse with a ValueError (a traceback) once the run builds them:
+    found here, so that `--dry-run` and the start of a run refuse it in one line."""
+    m, c = config.model, config.conditioning
+    for key in ("hidden_size", "depth", "num_heads"):
+        if getattr(m, key) is not None and getattr(m, key) < 1:
+            raise InputError(f"model.{key}={getattr(m, key)} must be >= 1")
+    sizes = model_sizes(m)
+    missing = [k for k in ("hidden_size", "depth", "num_heads") if k not in sizes]
+    if missing:
+        raise InputError(f"model.preset is null: give model.{', model.'.join(missing)}")
+    hidden, heads = sizes["hidden_size"], sizes["num_heads"]
+    if hidden % heads:
+        raise InputError(f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}")
+    if hidden % 4:
+        raise InputError(f"model.hidden_size={hidden} must be a multiple of 4 (the 2-D sin-cos position table)")
+    if m.patch_size < 1:
+        raise InputError(f"model.patch_size={m.patch_size} must be >= 1")
+    if m.decode_layers < 1:
+        raise InputError(f"model.decode_layers={m.decode_layers} must be >= 1 (the paper: 2)")
+    if c.encoder == "learned" and c.learned_width < 2:
+        raise InputError(f"conditioning.learned_width={c.learned_width} must be >= 2")
+    if c.codec == "pixel" and c.pixel_factor < 1:
+        raise InputError(f"conditioning.pixel_factor={c.pixel_factor} must be >= 1")
+    height, width = config.data.size
+    step = c.pixel_factor * m.patch_size  # the VAE's factor is known once it loads (`build_denoiser` checks it)
+    if c.codec == "pixel" and (height % step or width % step):
+        raise InputError(
+            f"data.size {height}x{width} is not divisible by conditioning.pixel_factor {c.pixel_factor} "
+            f"x model.patch_size {m.patch_size}"
+        )
