@@ -20,12 +20,13 @@ import platform
 import time
 
 import torch
+from public_schedule import PublicSchedulePipeline
 
 from xmdpt import XMDPTPipeline, make_sampling_scheduler, make_train_scheduler, xmdpt_from_preset
 from xmdpt.conditioning import PixelCodec
 
 
-def build(latent: tuple[int, int], preset: str) -> XMDPTPipeline:
+def build(latent: tuple[int, int], preset: str) -> tuple[XMDPTPipeline, PublicSchedulePipeline]:
     torch.manual_seed(0)
     model = xmdpt_from_preset(preset, sample_size=latent).eval()
     with torch.no_grad():  # non-zero outputs, so that "identical outputs" means something
@@ -33,25 +34,25 @@ def build(latent: tuple[int, int], preset: str) -> XMDPTPipeline:
             p.add_(torch.randn_like(p) * 0.02)
     scheduler = make_sampling_scheduler("ddim", make_train_scheduler().config)
     # Only the denoising loop is timed: the codec and encoders are placeholders.
-    return XMDPTPipeline(model, PixelCodec(factor=8, channels=4), None, None, scheduler)
+    components = (model, PixelCodec(factor=8, channels=4), None, None, scheduler)
+    return XMDPTPipeline(*components), PublicSchedulePipeline(*components)
 
 
-def conditions(pipe: XMDPTPipeline, batch: int, latent: tuple[int, int]) -> dict[str, torch.Tensor]:
+def inputs(batch: int, latent: tuple[int, int]) -> tuple:
+    """Random encoder features of DINOv2's shapes and a reference latent: `XMDPT.encode_conditions`' arguments."""
     g = torch.Generator().manual_seed(1)
-    return dict(
-        pose_features=torch.randn(batch, 257, 768, generator=g),
-        reference_features=torch.randn(batch, 257, 1536, generator=g),
-        reference_latent=torch.randn(batch, 4, *latent, generator=g),
-    )
+    features = (torch.randn(batch, 257, 768, generator=g), torch.randn(batch, 257, 1536, generator=g))
+    return (*features, torch.randn(batch, 4, *latent, generator=g), None)
 
 
-def run(pipe, conds, steps, public, dtype, interval=None) -> tuple[float, torch.Tensor]:
-    noise = torch.randn(conds["reference_latent"].shape, generator=torch.Generator().manual_seed(2))
+def run(pipe, args, steps, dtype, interval=None) -> tuple[float, torch.Tensor]:
+    noise = torch.randn(args[2].shape, generator=torch.Generator().manual_seed(2))
+    settings = pipe.sampling_settings(num_inference_steps=steps, guidance_scale=2.0, guidance_interval=interval)
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        condition = pipe.embed_condition(conds)
-        out = pipe.denoise(conds, condition, steps, 2.0, latents=noise, public_schedule=public, progress=False,
-                           guidance_interval=interval)  # fmt: skip
+        public = isinstance(pipe, PublicSchedulePipeline)
+        conditions = pipe.conditions_from(args) if public else pipe.denoiser.encode_conditions(*args)
+        out = pipe.denoise(conditions, settings, noise, progress=False)
     return time.perf_counter() - start, out.float()
 
 
@@ -66,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     interval = args.guidance_interval
     latent = tuple(int(v) for v in args.latent.split("x"))
-    pipe = build(latent, args.preset)
+    ours, public = build(latent, args.preset)
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
@@ -75,14 +76,14 @@ def main() -> None:
     print(f"| batch | public s/image | ours s/image | speed-up | max abs diff |{extra}")
     print("|---|---|---|---|---|" + ("---|---|" if interval else ""))
     for batch in args.batch:
-        conds = conditions(pipe, batch, latent)
-        run(pipe, {k: v[:1] for k, v in conds.items()}, 2, False, args.dtype)  # warm-up
-        t_public, out_public = run(pipe, conds, args.steps, True, args.dtype)
-        t_ours, out_ours = run(pipe, conds, args.steps, False, args.dtype)
+        args_ = inputs(batch, latent)
+        run(ours, tuple(None if v is None else v[:1] for v in args_), 2, args.dtype)  # warm-up
+        t_public, out_public = run(public, args_, args.steps, args.dtype)
+        t_ours, out_ours = run(ours, args_, args.steps, args.dtype)
         diff = (out_public - out_ours).abs().max().item()
         row = f"| {batch} | {t_public / batch:.2f} | {t_ours / batch:.2f} | {t_public / t_ours:.2f}x | {diff:.1e} |"
         if interval:
-            t_interval, _ = run(pipe, conds, args.steps, False, args.dtype, tuple(interval))
+            t_interval, _ = run(ours, args_, args.steps, args.dtype, tuple(interval))
             row += f" {t_interval / batch:.2f} | {t_ours / t_interval:.2f}x |"
         print(row, flush=True)
 

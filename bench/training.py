@@ -1,11 +1,11 @@
 """Training-step throughput and peak memory: our schedule of work against the public code's, in the same run.
 
 One training step = the X-MDPT objective (full pass + masked pass, or the full pass alone) + backward + AdamW.
-"public" reproduces the public code's schedule with our modules: the reference latent's tokens pass through every
-block (without gradient) in both passes, although only the masked pass reads them, after the first depth - 2
-blocks. Each configuration runs in its own process so that its peak memory (max RSS on a CPU, max allocated on a
-GPU) is its own. Conditioning features are random tensors of DINOv2's shapes (the encoders are frozen and identical
-in both schedules).
+"public" reproduces the public code's schedule (`public_schedule.py`): conditions encoded in each pass, the reference
+latent's tokens through every block (without gradient) in both passes, although only the masked pass reads them, after
+the first depth - 2 blocks. Each configuration runs in its own process so that its peak memory (max RSS on a CPU, max
+allocated on a GPU) is its own. Conditioning features are random tensors of DINOv2's shapes (the encoders are frozen
+and identical in both schedules).
 
     python bench/training.py                       # S/2 at 256x176 (latent 32x22), batch 8; the synthetic stages
     python bench/training.py --batch 32 --steps 5
@@ -24,44 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from public_schedule import PublicScheduleDenoiser
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def public_schedule(model):
-    """A callable with the model's signature that runs the public code's schedule of work."""
-
-    def forward(
-        sample, timestep, pose_features, reference_features, reference_latent, *, drop_condition, ids_keep=None,
-        pose_map=None,
-    ):  # fmt: skip
-        from xmdpt.models.xmdpt import gather_tokens
-
-        x = model.embed_target(sample, pose_map)
-        ref = model.embed_latent(reference_latent)
-        y = model.embed_condition(pose_features, reference_features, reference_latent, reference_tokens=ref)
-        keep = (~drop_condition).to(y.dtype)
-        c = model.t_embedder(timestep) + y * keep.unsqueeze(1)
-        memory = model.reference_memory(reference_latent, ref)  # reference attention (ours), None without it
-        gate = None if memory is None else keep.view(-1, 1, 1)
-        split = model.config.depth - model.config.decode_layers
-        if ids_keep is not None:
-            x = gather_tokens(x, ids_keep)
-        for i, block in enumerate(model.blocks):
-            if i == split:
-                x = (
-                    model.side_interpolate(x, c, ids_keep, ref)
-                    if ids_keep is not None
-                    else x + model.decoder_pos_embed
-                )
-            x = block(x, c, ids_keep if ids_keep is not None and i < split else None, memory, gate)
-            with torch.no_grad():
-                ref = block(ref, c)  # every block, every pass, as published
-        out = model.unpatchify(model.final_layer(x, c))
-        return model.refiner(out, sample, c) if model.config.refine_channels else out
-
-    forward.num_tokens = model.num_tokens
-    return forward
 
 
 def build(setting: str):
@@ -72,7 +37,8 @@ def build(setting: str):
         shapes = dict(pose=(257, 768), reference=(257, 1536), latent=(4, 32, 22))
         return model, shapes
     # The embedded default's two stages: pixel-space 64x48, learned encoders of width 96, the pose map (stage 1,
-    # configs/synthetic-cpu.yaml); plus reference attention and the refiner (stage 2, synthetic-cpu-reference.yaml).
+    # configs/synthetic-cpu.yaml); plus reference attention and the refiner (stage 2,
+    # configs/default-model/synthetic-cpu-reference.yaml).
     encoder = LearnedImageEncoder(image_size=(64, 48), width=96)
     model = XMDPT(
         sample_size=(16, 12), in_channels=48, hidden_size=192, depth=6, num_heads=6,
@@ -81,7 +47,7 @@ def build(setting: str):
         reference_layers=2 if "stage 2" in setting else 0, refine_channels=64 if "stage 2" in setting else 0,
     )  # fmt: skip
     shapes = dict(pose=(encoder.num_tokens, 96), reference=(encoder.num_tokens, 96), latent=(48, 16, 12))
-    shapes["pose_map"] = (48, 16, 12)
+    shapes["pose_map"] = True  # a rendered 64x48 pose image
     return model, shapes
 
 
@@ -96,19 +62,22 @@ def measure(setting: str, schedule: str, mask: bool, batch: int, steps: int) -> 
     objective = XMDPTLoss(make_train_scheduler(), mask_ratio=0.3 if mask else 0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     g = torch.Generator().manual_seed(1)
-    conds = [
+    inputs = (
         torch.randn(batch, *shapes["pose"], generator=g).to(device),
         torch.randn(batch, *shapes["reference"], generator=g).to(device),
         torch.randn(batch, *shapes["latent"], generator=g).to(device),
-    ]
+        torch.rand(batch, 3, 64, 48, generator=g).to(device) if "pose_map" in shapes else None,
+    )
     latents = torch.randn(batch, *shapes["latent"], generator=g).to(device)
-    pose_map = torch.randn(batch, *shapes["pose_map"], generator=g).to(device) if "pose_map" in shapes else None
-    net = public_schedule(model) if schedule == "public" else model
     times = []
     for step in range(steps + 1):  # the first step warms up
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        out = objective(net, latents, *conds, generator=torch.Generator().manual_seed(step), pose_map=pose_map)
+        if schedule == "public":  # conditions re-encoded in every pass
+            net, conditions = PublicScheduleDenoiser(model, inputs), None
+        else:  # once per step, for both passes
+            net, conditions = model, model.encode_conditions(*inputs)
+        out = objective(net, latents, conditions, generator=torch.Generator().manual_seed(step))
         out.loss.backward()
         optimizer.step()
         if device == "cuda":

@@ -6,7 +6,8 @@
 Renders the first `--identities` synthetic people (one view each, at the pipeline's size), computes what the
 denoiser is given about the reference (the aggregation vector y, the reference attention memory's mean), fits a
 multinomial logistic regression on the first 75% and reports its accuracy on the rest, for the shirt's and the
-trousers' pattern (plain / stripes / checks), beside always guessing the commonest class. The README quotes it.
+trousers' pattern (plain / stripes / checks), beside always guessing the commonest class. docs/default-model.md
+quotes it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from xmdpt.data.synthetic import make_identity
-from xmdpt.default_model import load_pipeline
+from xmdpt.default_model import default_model_path, load_pipeline, synthetic_set
 from xmdpt.demo import PATTERNS, _view
 
 
@@ -45,8 +46,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    pipe, info = load_pipeline(args.model, "cpu")
-    synth = info.synth if args.pattern_cell is None else replace(info.synth, pattern_cell=tuple(args.pattern_cell))
+    pipe = load_pipeline(args.model, "cpu")
+    synth = synthetic_set(args.model or default_model_path())
+    synth = synth if args.pattern_cell is None else replace(synth, pattern_cell=tuple(args.pattern_cell))
     images, labels = [], {"shirt": [], "trousers": []}
     for index in range(args.identities):
         identity = make_identity(synth.seed, index, synth.pattern_cell)
@@ -59,9 +61,9 @@ def main() -> None:
     with torch.no_grad():
         for batch in references.split(100):
             conditions = pipe.encode_conditions(batch, torch.zeros_like(batch))  # the pose does not reach these
-            features.setdefault("y", []).append(pipe.embed_condition(conditions))
-            if "reference_memory" in conditions:
-                features.setdefault("memory (mean)", []).append(conditions["reference_memory"].mean(1))
+            features.setdefault("y", []).append(conditions.y)
+            if conditions.reference_memory is not None:
+                features.setdefault("memory (mean)", []).append(conditions.reference_memory.mean(1))
     fit = int(0.75 * args.identities)
     for part, values in labels.items():
         truth = torch.tensor(values)

@@ -1,4 +1,5 @@
-"""Score synthetic-set pipelines on held-out pairs: how the README's checkpoint and sampler choices were made.
+"""Score synthetic-set pipelines on held-out pairs: how the checkpoint and sampler choices in docs/default-model.md
+were made.
 
     python scripts/score_checkpoints.py runs/NAME/checkpoints/step_0000{0500,1000} --guidance 1
     python scripts/score_checkpoints.py default                      # the shipped model at its sampling defaults
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from xmdpt.default_model import load_pipeline
+from xmdpt.default_model import default_model_path, load_pipeline, synthetic_set
 from xmdpt.demo import palette_error, run_demo
-from xmdpt.guidance import check_guidance_interval
+from xmdpt.settings import parse_guidance_interval
 
 
 def main() -> None:
@@ -47,20 +48,28 @@ def main() -> None:
         folder = None if name == "default" else Path(name)
         if folder is not None and (folder / "pipeline").is_dir():
             folder = folder / "pipeline"
-        pipe, info = load_pipeline(folder, "cpu")
+        pipe = load_pipeline(folder, "cpu")
         pipe.set_sampler(args.sampler)
-        synth = info.synth if args.pattern_cell is None else replace(info.synth, pattern_cell=tuple(args.pattern_cell))
-        steps = args.steps or info.num_inference_steps
-        interval = info.guidance_interval
+        synth = synthetic_set(folder or default_model_path())
+        synth = synth if args.pattern_cell is None else replace(synth, pattern_cell=tuple(args.pattern_cell))
+        interval = None  # "all" guides every step: (0, T)
         if args.guidance_interval:
-            interval = None if args.guidance_interval == ["all"] else check_guidance_interval(args.guidance_interval)
-        for guidance in args.guidance or [info.guidance_scale]:
+            interval = parse_guidance_interval(",".join(args.guidance_interval))
+        for guidance in args.guidance or [None]:
+            settings = pipe.sampling_settings(
+                num_inference_steps=args.steps, guidance_scale=guidance, guidance_interval=interval
+            )
+            guidance, steps, interval = (
+                settings.guidance_scale,
+                settings.num_inference_steps,
+                settings.guidance_interval,
+            )
             for seed in args.seeds:
-                result = run_demo(pipe, synth, args.pairs, steps, guidance, seed, False, interval)
+                result = run_demo(pipe, synth, settings, args.pairs, seed, progress=False)
                 m, copy = result.model, result.copy_reference
                 palette = palette_error(result.generated, [p.target for p in result.pairs])
                 print(
-                    f"{name} guidance {guidance:g} interval {interval or 'all'} steps {steps} seed {seed}: "
+                    f"{name} guidance {guidance:g} interval {settings.guidance_interval} steps {steps} seed {seed}: "
                     f"SSIM {m.ssim.mean():.3f} PSNR {m.psnr.mean():.2f} "
                     f"pattern match {m.pattern_match.sum()}/{args.pairs} palette error {palette:.4f} "
                     f"(copying the reference: SSIM {copy.ssim.mean():.3f}, pattern match "

@@ -1,15 +1,15 @@
-"""Turn a training checkpoint of the synthetic CPU configs into the embedded default model.
+"""Turn a training checkpoint of the synthetic CPU configs into the embedded default model (docs/default-model.md).
 
-    xmdpt train -c configs/synthetic-cpu.yaml                        # stage 1: about 90 min on 2 CPU cores
-    xmdpt train -c configs/synthetic-cpu-reference.yaml              # stage 2: about 16 min
-    xmdpt train -c configs/synthetic-cpu-texture.yaml                # stage 3: about 2 h 40 min
-    xmdpt train -c configs/synthetic-cpu-texture-strong.yaml         # stage 4: about 14 min
-    xmdpt train -c configs/synthetic-cpu-palette.yaml                # stage 5: about 19 min
-    xmdpt train -c configs/synthetic-cpu-bold.yaml                   # stage 6: about 60 min, bold pattern cells
+    xmdpt train -c configs/synthetic-cpu.yaml                               # stage 1: about 90 min on 2 CPU cores
+    xmdpt train -c configs/default-model/synthetic-cpu-reference.yaml       # stage 2: about 16 min
+    xmdpt train -c configs/default-model/synthetic-cpu-texture.yaml         # stage 3: about 2 h 40 min
+    xmdpt train -c configs/default-model/synthetic-cpu-texture-strong.yaml  # stage 4: about 14 min
+    xmdpt train -c configs/default-model/synthetic-cpu-palette.yaml         # stage 5: about 19 min
+    xmdpt train -c configs/default-model/synthetic-cpu-bold.yaml            # stage 6: about 60 min, bold pattern cells
     # reference attention and the refiner add 7 MB in float32; --dtype float16 keeps the folder at 13 MB
     python scripts/ship_default_model.py runs/synthetic-cpu-bold/checkpoints/step_00004000 \
-        --config configs/synthetic-cpu-bold.yaml --dtype float16 --guidance 2.5 --guidance-interval 200 800 \
-        --steps 25 --sampler dpmsolver++
+        --config configs/default-model/synthetic-cpu-bold.yaml --dtype float16 \
+        --guidance 2.5 --guidance-interval 200 800 --steps 25 --sampler dpmsolver++
 
 Writes `src/xmdpt/assets/default/`: an `XMDPTPipeline` folder (safetensors) without the training-only side blocks,
 its weights stored in float32 or (`--dtype float16`, half the size) float16, which loads as float32; and
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from xmdpt.default_model import write_model_info
+from xmdpt.default_model import write_synthetic_set
 from xmdpt.diffusion import make_train_scheduler
 from xmdpt.pipeline import SAMPLERS, XMDPTPipeline, make_sampling_scheduler
 from xmdpt.training.build import build_codec, build_denoiser, build_encoders, synth_config
@@ -64,13 +64,15 @@ def main() -> None:
     denoiser = build_denoiser(config, codec, pose_encoder, reference_encoder)
     weights = load_file(args.checkpoint / f"{args.weights}.safetensors")
     prefix = "module." if args.weights == "ema" else ""
-    sides = ("sideblocks", "sideblocks_cross", "mask_token")
+    sides = ("sideblocks", "sideblocks_cross", "mask_token", "interpolater.")  # training only
     den = {k: v for k, v in strip(weights, prefix + "denoiser.").items() if not k.startswith(sides)}
     denoiser.load_state_dict(den)
     pose_encoder.load_state_dict(strip(weights, prefix + "pose_encoder."))
     reference_encoder.load_state_dict(strip(weights, prefix + "reference_encoder."))
     scheduler = make_sampling_scheduler(args.sampler, make_train_scheduler(config.objective.prediction_type).config)
-    pipe = XMDPTPipeline(denoiser.eval(), codec, pose_encoder.eval(), reference_encoder.eval(), scheduler)
+    components = (denoiser.eval(), codec, pose_encoder.eval(), reference_encoder.eval(), scheduler)
+    pipe = XMDPTPipeline(*components, num_inference_steps=args.steps, guidance_scale=args.guidance)
+    pipe.set_sampling_defaults(guidance_interval=args.guidance_interval)
 
     shutil.rmtree(args.out, ignore_errors=True)
     pipe.to(getattr(torch, args.dtype)).save_pretrained(args.out)
@@ -78,9 +80,7 @@ def main() -> None:
     trained["sampler"] = args.sampler
     if config.model.init_from:
         trained["init_from"] = config.model.init_from
-    write_model_info(
-        args.out, synth_config(config), args.steps, args.guidance, args.guidance_interval, trained=trained
-    )
+    write_synthetic_set(args.out, synth_config(config), trained=trained)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"wrote {args.out} ({size / 2**20:.1f} MiB, {denoiser.num_parameters():,} denoiser parameters)")
 

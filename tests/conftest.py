@@ -6,6 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import socket  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -13,6 +15,8 @@ import torch  # noqa: E402
 from xmdpt.models.xmdpt import XMDPT  # noqa: E402
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# bench/ holds the public code's schedule of work (public_schedule.py), which the equivalence tests compare with.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 TINY = dict(
     sample_size=(8, 6),
@@ -65,17 +69,32 @@ def tiny_model(**overrides) -> XMDPT:
     return XMDPT(**{**TINY, **overrides})
 
 
-def tiny_inputs(model: XMDPT, batch: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Random inputs of the right shapes for `model.forward`."""
+def tiny_features(model: XMDPT, batch: int = 3, seed: int = 1) -> tuple:
+    """Random `encode_conditions` arguments of the right shapes: pose and reference features, the reference latent
+    and, for a model with a pose map, a rendered pose image."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     latent = (batch, cfg.in_channels, *cfg.sample_size)
+    pose_image = None
+    if cfg.pose_map_channels:
+        factor = round((cfg.pose_map_channels // 3) ** 0.5)
+        pose_image = torch.rand(batch, 3, cfg.sample_size[0] * factor, cfg.sample_size[1] * factor, generator=g)
+    return (
+        torch.randn(batch, cfg.pose_num_tokens, cfg.pose_feature_dim, generator=g),
+        torch.randn(batch, cfg.reference_num_tokens, cfg.reference_feature_dim, generator=g),
+        torch.randn(latent, generator=g),
+        pose_image,
+    )
+
+
+def tiny_inputs(model: XMDPT, batch: int = 3, seed: int = 1) -> dict:
+    """Random inputs of the right shapes for `model.forward`: sample, timestep and conditions."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed + 1000)
     return dict(
-        sample=torch.randn(latent, generator=g),
+        sample=torch.randn(batch, cfg.in_channels, *cfg.sample_size, generator=g),
         timestep=torch.randint(0, 1000, (batch,), generator=g),
-        pose_features=torch.randn(batch, cfg.pose_num_tokens, cfg.pose_feature_dim, generator=g),
-        reference_features=torch.randn(batch, cfg.reference_num_tokens, cfg.reference_feature_dim, generator=g),
-        reference_latent=torch.randn(latent, generator=g),
+        conditions=model.encode_conditions(*tiny_features(model, batch, seed)),
     )
 
 

@@ -26,18 +26,31 @@ def test_training_benchmark_measures_the_synthetic_default(bench, schedule):
 
 @pytest.mark.parametrize("setting", ["synthetic 64x48 stage 1", "synthetic 64x48 stage 2"])
 def test_public_schedule_computes_the_same_function(bench, setting):
+    from public_schedule import PublicScheduleDenoiser
+
     model, shapes = bench.build(setting)
     randomize(model, std=0.05)  # not the zero-initialised output layer, which any two schedules agree on
     assert model.config.pose_map_channels == 48  # the shipped config's model
     assert (model.config.reference_layers, model.config.refine_channels) == ((2, 64) if "2" in setting else (0, 0))
     g = torch.Generator().manual_seed(0)
-    args = [torch.randn(2, *shapes[k], generator=g) for k in ("latent", "pose", "reference", "latent")]
-    pose_map = torch.randn(2, *shapes["pose_map"], generator=g)
+    inputs = (
+        torch.randn(2, *shapes["pose"], generator=g),
+        torch.randn(2, *shapes["reference"], generator=g),
+        torch.randn(2, *shapes["latent"], generator=g),
+        torch.rand(2, 3, 64, 48, generator=g),
+    )
+    sample = torch.randn(2, *shapes["latent"], generator=g)
     t, drop = torch.tensor([10, 900]), torch.tensor([False, True])
     ids_keep = torch.stack([torch.randperm(model.num_tokens, generator=g)[:30] for _ in range(2)])
-    public = bench.public_schedule(model)
+    public = PublicScheduleDenoiser(model, inputs)
+    calls = []
+    hook = model.blocks[-1].register_forward_hook(lambda *args: calls.append(1))
     for keep in (None, ids_keep):
-        ours = model(args[0], t, args[1], args[2], args[3], drop_condition=drop, ids_keep=keep, pose_map=pose_map)
-        theirs = public(args[0], t, args[1], args[2], args[3], drop_condition=drop, ids_keep=keep, pose_map=pose_map)
+        calls.clear()
+        ours = model(sample, t, model.encode_conditions(*inputs), drop_condition=drop, ids_keep=keep)
+        ours_calls = len(calls)
+        theirs = public(sample, t, None, drop_condition=drop, ids_keep=keep)
         assert ours.abs().mean() > 1e-2
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert len(calls) - ours_calls == 2 * ours_calls  # the public schedule also runs the reference tokens
+    hook.remove()

@@ -38,14 +38,15 @@ def test_converted_model_computes_the_public_function(public_checkpoint, tmp_pat
     a = inputs()
     keep = torch.tensor([1.0, 0.0, 1.0])
     expected = reference(a["x"], a["t"], a["pose"], a["img"], a["src"], keep)
-    ours = loaded(a["x"], a["t"], a["pose"], a["img"], a["src"], drop_condition=keep == 0)
+    ours = loaded(a["x"], a["t"], loaded.encode_conditions(a["pose"], a["img"], a["src"]), drop_condition=keep == 0)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
     assert expected.abs().mean() > 0.1  # a random model, not the zero-initialised one
     # The masked training pass too, on the same mask.
     noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(4))
     expected = reference(a["x"], a["t"], a["pose"], a["img"], a["src"], keep, mask_noise=noise)
     ids = random_masking(3, 16, 0.3, generator=torch.Generator().manual_seed(4))
-    ours = model(a["x"], a["t"], a["pose"], a["img"], a["src"], drop_condition=keep == 0, ids_keep=ids)
+    conditions = model.encode_conditions(a["pose"], a["img"], a["src"])
+    ours = model(a["x"], a["t"], conditions, drop_condition=keep == 0, ids_keep=ids)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -120,3 +121,41 @@ def test_cli_refuses_an_output_that_is_a_file_and_options_that_do_not_fit(public
     assert taken.read_text() == "keep me"
     main(["convert", str(path), str(tmp_path / "ok")])  # and a good one still writes its folder
     assert (tmp_path / "ok" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, extra, message",
+    [
+        (b"not a checkpoint", [], "not a readable PyTorch checkpoint"),
+        ([1, 2, 3], [], "not a state dict"),
+        (None, ["--grid", "4x3"], "does not hold the checkpoint's 16 tokens"),
+        (None, ["--grid", "2x8"], "relative_position_index"),
+        (None, ["--decode-layers", "0"], "decode_layers=0"),
+    ],
+)
+def test_cli_errors_name_the_checkpoint_once(public_checkpoint, tmp_path, capsys, content, extra, message):
+    # An InputError is a ValueError: the command prefixed the path to messages that already began with it.
+    _, path = public_checkpoint
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(path), str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: ") and err.count(str(path)) == 1 and message in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_checkpoint_without_read_permission_is_reported_as_such(public_checkpoint, tmp_path, monkeypatch, capsys):
+    # Tests run as root, where chmod 000 does not stop reads: torch.load is made to meet the refusal instead.
+    _, path = public_checkpoint
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(SystemExit):
+        main(["convert", str(path), str(tmp_path / "out")])
+    assert capsys.readouterr().err == f"error: {path}: cannot read the checkpoint: permission denied\n"

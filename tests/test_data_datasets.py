@@ -18,6 +18,7 @@ from xmdpt.pose.render import skeleton_tensor
 KEYS = {
     "reference_image", "reference_pose", "target_image", "target_pose", "reference_keypoints",
     "target_keypoints", "reference_name", "target_name", "target_mask",
+    "skipped",  # bad samples passed over for this item (summed over workers by the trainer)
 }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from tiny_pipeline import SIZE, SYNTH, save_tiny_default, tiny_pipeline
 from xmdpt.cli import main
 from xmdpt.data.deepfashion import deepfashion_csv
 from xmdpt.data.synthetic import SynthConfig, generate
-from xmdpt.default_model import ENV_VAR, load_pipeline
+from xmdpt.default_model import ENV_VAR, default_model_path, load_pipeline, synthetic_set
 from xmdpt.demo import choose_pairs, held_out_identities, held_out_pairs, palette_error, run_demo, score
 from xmdpt.inputs import image_tensor
 
@@ -94,8 +94,8 @@ def test_demo_command_writes_the_grid_and_prints_scores(tmp_path, monkeypatch, c
     cell = 192 // SIZE[0]  # cells are enlarged to about 192 px high
     assert grid.height > 3 * SIZE[0] * cell and grid.width > 4 * SIZE[1] * cell
     assert "generated" in printed and "copy the reference (baseline)" in printed and "PSNR" in printed
-    pipe, info = load_pipeline(tmp_path / "model", "cpu")
-    result = run_demo(pipe, info.synth, num_pairs=3, num_inference_steps=2, guidance_scale=1.5, progress=False)
+    pipe = load_pipeline(tmp_path / "model", "cpu")
+    result = run_demo(pipe, synthetic_set(tmp_path / "model"), pipe.sampling_settings(), num_pairs=3, progress=False)
     baseline = f"SSIM {result.copy_reference.ssim.mean():.3f}  PSNR {result.copy_reference.psnr.mean():.2f} dB"
     assert baseline in printed
     assert f"SSIM {result.model.ssim.mean():.3f}" in printed  # the command's numbers are the library's
@@ -115,17 +115,18 @@ def test_demo_needs_a_synthetic_model(tmp_path, capsys):
 def test_shipped_model_beats_copying_the_reference(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     torch.set_num_threads(2)  # the promise is for 2 CPU cores
-    pipe, info = load_pipeline(None, "cpu")
-    result = run_demo(
-        pipe,
-        info.synth,
-        8,
-        info.num_inference_steps,
-        info.guidance_scale,
-        progress=False,
-        guidance_interval=info.guidance_interval,
+    pipe = load_pipeline(None, "cpu")
+    settings = pipe.sampling_settings()  # the model's own: DPM-Solver++, 25 steps, 2.5 on [200, 800]
+    assert (settings.sampler, settings.num_inference_steps, settings.guidance_interval) == (
+        "dpmsolver++",
+        25,
+        (200, 800),
     )
+    result = run_demo(pipe, synthetic_set(default_model_path()), settings, 8, progress=False)
     assert result.model.ssim.mean() > result.copy_reference.ssim.mean()
+    # The numbers the model card states for `xmdpt demo` (SSIM 0.728, PSNR 19.8 dB, pose 8/8).
+    assert result.model.ssim.mean() == pytest.approx(0.728, abs=0.003)
+    assert result.model.psnr.mean() == pytest.approx(19.81, abs=0.05)
     assert result.model.psnr.mean() > result.copy_reference.psnr.mean()
     assert result.model.pose_match.mean() >= 0.75  # the figure stands in the target pose, not the reference's
     # Garment patterns well above chance (1/9): 4/8 when shipped, copying the reference 3/8.
@@ -140,7 +141,7 @@ def test_shipped_model_is_small_safetensors_and_loads_in_float32(monkeypatch):
     assert sum(p.stat().st_size for p in files) <= 25 * 10**6  # the budget: at most 25 MB
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
-    pipe, _ = load_pipeline(None, "cpu")
+    pipe = load_pipeline(None, "cpu")
     tensors = [t for m in pipe.components.values() if isinstance(m, torch.nn.Module) for t in m.state_dict().values()]
     assert all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())  # stored as float16, run as float32
 

@@ -89,7 +89,8 @@ def test_synthetic_benchmark_end_to_end(synth, model_dir, tmp_path, capsys) -> N
     assert all(math.isfinite(v) for row in metrics["per_pair"] for k, v in row.items() if k != "name")
     assert 0 < metrics["means"]["l1"] < 1 and metrics["means"]["color_de"] > 0
     run = metrics["run"]
-    assert run["generation"]["steps"] == 2 and run["generation"]["sampler"] == "ddim"
+    assert run["generation"]["num_inference_steps"] == 2 and run["generation"]["sampler"] == "ddim"
+    assert run["generation"]["guidance_scale"] == 2.0 and run["generation"]["guidance_interval"] is None  # the model's
     assert run["image_size"] == "32x24" and run["test_pairs"] == 6
     assert run["generation_main_process"] == {"written": 6, "skipped": 0, "share": 6}
     assert "not comparable" in (out / "report.md").read_text()
@@ -264,3 +265,31 @@ def test_scoring_inputs_are_checked_before_generation(synth, model_dir, tmp_path
     code, _, errors = cli([*args, "--no-lpips", "--real-list", tmp_path / "train.lst"], capsys)
     assert code == 2 and len(errors) == 1 and f"training image folder {no_train / 'train'} does not exist" in errors[0]
     assert not list((tmp_path / "o").rglob("*.png"))
+
+
+def test_evaluation_guides_with_the_models_interval_and_records_it(synth, model_dir, tmp_path, capsys) -> None:
+    """`xmdpt evaluate` samples with the model's own guidance interval, as generate, demo and serve do, and
+    generation.json records every sampling setting; --guidance-interval overrides it."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "guidance_interval": [200, 800]}))
+    args = [
+        "evaluate",
+        "--model",
+        model,
+        "--data-root",
+        synth,
+        "--layout",
+        "synthetic",
+        "--steps",
+        "2",
+        "--limit",
+        "2",
+    ]
+    for out, extra, interval in (("a", [], [200.0, 800.0]), ("b", ["--guidance-interval", "all"], [0.0, 1000.0])):
+        code, _, errors = cli([*args, "--out-dir", tmp_path / out, *extra], capsys)
+        assert (code, errors) == (0, [])
+        record = json.loads((tmp_path / out / "generated" / "generation.json").read_text())
+        assert record["guidance_interval"] == interval and record["guidance_scale"] == 2.0
+        assert record["sampler"] == "ddim" and record["num_inference_steps"] == 2 and record["guidance_power"] == 0.01

@@ -19,10 +19,11 @@ from xmdpt.evaluation.generate import (
     GenerationSettings,
     eval_set_from_dataset,
     generate_test_set,
-    initial_latents,
     pair_file_name,
+    pair_seed,
 )
 from xmdpt.evaluation.protocol import model_output_to_uint8
+from xmdpt.settings import SamplingSettings
 
 MODEL_SIZE = (32, 24)  # PixelCodec(2) -> 16x12 latents, 8x6 tokens at patch 2
 
@@ -40,10 +41,9 @@ def synthetic_set(folder: Path, size: tuple[int, int] = MODEL_SIZE, identities: 
     return folder
 
 
-def settings(**changes) -> GenerationSettings:
-    values = dict(
-        model="tiny", sampler="ddim", steps=2, guidance=2.0, seed=0, image_size=MODEL_SIZE, model_size=MODEL_SIZE
-    )
+def settings(sampler="ddim", steps=2, **changes) -> GenerationSettings:
+    sampling = SamplingSettings(sampler, steps, 2.0, None, 0.01)
+    values = dict(model="tiny", sampling=sampling, seed=0, image_size=MODEL_SIZE, model_size=MODEL_SIZE)
     return GenerationSettings(**{**values, **changes})
 
 
@@ -85,7 +85,7 @@ def test_files_are_the_protocol_output_at_the_evaluation_size(synth, tmp_path) -
     generate_test_set(pipe, eval_set, tmp_path, run, batch_size=4, progress=False)
     pair = eval_set.pairs[2]
     item = eval_set.dataset[pair.index]
-    latents, generators = initial_latents(pipe, [pair.name], seed=7)
+    latents, generators = pipe.seeded_latents([pair_seed(7, pair.name)])
     output = pipe(
         item["reference_image"][None],
         item["target_pose"][None],
@@ -144,7 +144,7 @@ def test_processes_split_the_pairs_and_give_the_same_files(synth, tmp_path) -> N
 def test_other_settings_are_refused_in_a_used_folder(synth, tmp_path) -> None:
     pipe, eval_set = tiny_pipeline(), _test_set(synth)
     generate_test_set(pipe, eval_set, tmp_path / "run", settings(), progress=False)
-    with pytest.raises(InputError, match=r"steps 2 there, 3 now"):
+    with pytest.raises(InputError, match=r"num_inference_steps 2 there, 3 now"):
         generate_test_set(pipe, eval_set, tmp_path / "run", settings(steps=3), progress=False)
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -5,9 +5,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize, tiny_inputs, tiny_model
+from conftest import randomize, tiny_features, tiny_inputs, tiny_model
 
-from xmdpt.diffusion import XMDPTLoss, local_contrast, local_covariance, make_train_scheduler, normal_kl
+from xmdpt.diffusion import (
+    PaletteTerm,
+    TextureTerm,
+    XMDPTLoss,
+    local_contrast,
+    local_covariance,
+    make_train_scheduler,
+    normal_kl,
+)
 
 
 def test_schedule_is_the_published_linear_one():
@@ -58,17 +66,17 @@ def test_loss_is_full_pass_plus_masked_pass_at_the_same_t_with_their_own_noise()
     model = randomize(tiny_model())
     x = tiny_inputs(model, batch=2)
     objective = XMDPTLoss(mask_ratio=0.3, condition_dropout=0.5)
-    conds = (x["pose_features"], x["reference_features"], x["reference_latent"])
+    conds = x["conditions"]
     draws = objective.draw(tuple(x["sample"].shape), model.num_tokens, torch.Generator().manual_seed(5))
     assert draws.ids_keep.shape == (2, int(model.num_tokens * 0.7))
-    out = objective(model, x["sample"], *conds, draws=draws)
+    out = objective(model, x["sample"], conds, draws=draws)
     # Recompute by hand from the same draws.
     t = draws.timesteps
     x_t = objective.scheduler.add_noise(x["sample"], draws.noise, t)
-    full = objective.pass_loss(model(x_t, t, *conds, drop_condition=draws.drop_full), x["sample"], draws.noise, x_t, t)
+    full = objective.pass_loss(model(x_t, t, conds, drop_condition=draws.drop_full), x["sample"], draws.noise, x_t, t)
     assert not torch.equal(draws.noise_masked, draws.noise)  # each pass draws its own noise, as published
     x_t_masked = objective.scheduler.add_noise(x["sample"], draws.noise_masked, t)
-    masked_out = model(x_t_masked, t, *conds, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep)
+    masked_out = model(x_t_masked, t, conds, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep)
     masked = objective.pass_loss(masked_out, x["sample"], draws.noise_masked, x_t_masked, t)
     torch.testing.assert_close(out.full, full.detach())
     torch.testing.assert_close(out.masked, masked.detach())
@@ -84,9 +92,7 @@ def test_loss_is_full_pass_plus_masked_pass_at_the_same_t_with_their_own_noise()
 def test_mask_ratio_zero_trains_the_full_pass_only():
     model = randomize(tiny_model())
     x = tiny_inputs(model, batch=2)
-    out = XMDPTLoss(mask_ratio=0.0)(
-        model, x["sample"], x["pose_features"], x["reference_features"], x["reference_latent"]
-    )
+    out = XMDPTLoss(mask_ratio=0.0)(model, x["sample"], x["conditions"])
     assert out.masked is None
     torch.testing.assert_close(out.loss, out.full.mean())
 
@@ -99,8 +105,7 @@ def test_condition_dropout_one_ignores_the_conditions():
     def loss(dropout, inputs):
         # Without the masked pass: its cross-attention reads the reference latent even when y is dropped.
         objective = XMDPTLoss(condition_dropout=dropout, mask_ratio=0.0)
-        conds = (inputs["pose_features"], inputs["reference_features"], inputs["reference_latent"])
-        return objective(model, x["sample"], *conds, generator=torch.Generator().manual_seed(0)).loss
+        return objective(model, x["sample"], inputs["conditions"], generator=torch.Generator().manual_seed(0)).loss
 
     torch.testing.assert_close(loss(1.0, x), loss(1.0, other))
     assert not torch.allclose(loss(0.0, x), loss(0.0, other))
@@ -112,18 +117,18 @@ def test_a_few_adamw_steps_reduce_the_loss(prediction_type):
     x = tiny_inputs(model, batch=8)
     objective = XMDPTLoss(make_train_scheduler(prediction_type))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    conds = (x["pose_features"], x["reference_features"], x["reference_latent"])
+    features = tiny_features(model, batch=8)
     fixed = objective.draw(tuple(x["sample"].shape), model.num_tokens, torch.Generator().manual_seed(123))
 
     def evaluate():
         with torch.no_grad():
-            return objective(model, x["sample"], *conds, draws=fixed).loss.item()
+            return objective(model, x["sample"], model.encode_conditions(*features), draws=fixed).loss.item()
 
     before = evaluate()
     g = torch.Generator().manual_seed(1)
     for _ in range(60):
         opt.zero_grad()
-        objective(model, x["sample"], *conds, generator=g).loss.backward()
+        objective(model, x["sample"], model.encode_conditions(*features), generator=g).loss.backward()
         opt.step()
     after = evaluate()
     assert math.isfinite(after) and after < 0.85 * before
@@ -157,7 +162,8 @@ def test_texture_term_scores_a_tint_worse_than_the_detail_at_another_phase():
     tint = torch.zeros_like(x0)
     t, noise = torch.tensor([500]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     plain = XMDPTLoss(make_train_scheduler("sample", learn_sigma=False))
-    textured = XMDPTLoss(make_train_scheduler("sample", learn_sigma=False), texture_weight=20.0, decode=decode)
+    scheduler = make_train_scheduler("sample", learn_sigma=False)
+    textured = XMDPTLoss(scheduler, image_terms=[TextureTerm(20.0)], decode=decode)
     x_t = plain.scheduler.add_noise(x0, noise, t)
 
     def score(objective, prediction):
@@ -186,7 +192,7 @@ def test_local_contrast_at_several_lags_tells_grain_from_cells():
         with pytest.raises(ValueError, match="lags"):
             local_contrast(stripes, lags=lags)
     with pytest.raises(ValueError, match="lags"):
-        XMDPTLoss(texture_weight=1.0, texture_lags=(0,), decode=lambda z: z)
+        TextureTerm(1.0, lags=(0,))
 
 
 def _two_colour_stripes(a, b, shift: int = 0, period: int = 4, size=(16, 12)) -> torch.Tensor:
@@ -226,8 +232,8 @@ def test_palette_term_scores_detail_in_the_wrong_colours_worse_than_at_another_p
     t, noise = torch.tensor([500]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     scheduler = make_train_scheduler("sample", learn_sigma=False)
     plain = XMDPTLoss(scheduler)
-    texture = XMDPTLoss(scheduler, texture_weight=20.0, decode=decode)
-    both = XMDPTLoss(scheduler, texture_weight=20.0, palette_weight=20.0, decode=decode)
+    texture = XMDPTLoss(scheduler, image_terms=[TextureTerm(20.0)], decode=decode)
+    both = XMDPTLoss(scheduler, image_terms=[TextureTerm(20.0), PaletteTerm(20.0)], decode=decode)
     x_t = plain.scheduler.add_noise(x0, noise, t)
 
     def extra(objective, prediction):  # what the image terms add to the MSE
@@ -237,26 +243,28 @@ def test_palette_term_scores_detail_in_the_wrong_colours_worse_than_at_another_p
     assert extra(texture, recoloured) == pytest.approx(0.0, abs=1e-6)
     assert extra(both, recoloured) > 10 * extra(both, shifted)
     assert extra(both, x0) == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="palette weight needs `decode`"):
-        XMDPTLoss(palette_weight=1.0)
-    with pytest.raises(ValueError, match="palette_weight"):
-        XMDPTLoss(palette_weight=-1.0, decode=decode)
+    with pytest.raises(ValueError, match="image terms need `decode`"):
+        XMDPTLoss(image_terms=[PaletteTerm(1.0)])
+    with pytest.raises(ValueError, match="PaletteTerm weight"):
+        PaletteTerm(-1.0)
 
 
 def test_texture_term_trains_the_model_and_needs_a_decoder():
     with pytest.raises(ValueError, match="decode"):
-        XMDPTLoss(texture_weight=1.0)
-    with pytest.raises(ValueError, match="texture_weight"):
-        XMDPTLoss(texture_weight=float("nan"), decode=lambda z: z)
+        XMDPTLoss(image_terms=[TextureTerm(1.0)])
+    with pytest.raises(ValueError, match="TextureTerm weight"):
+        TextureTerm(float("nan"))
     model = randomize(tiny_model())
     x = tiny_inputs(model, batch=2)
-    conds = (x["pose_features"], x["reference_features"], x["reference_latent"])
+    features = tiny_features(model, batch=2)
     decode = lambda z: F.pixel_shuffle(z, 2)  # noqa: E731 - 4 latent channels -> 1 "colour"
     draws = XMDPTLoss().draw(tuple(x["sample"].shape), model.num_tokens, torch.Generator().manual_seed(0))
     losses = {}
     for weight in (0.0, 2.0):
         model.zero_grad()
-        out = XMDPTLoss(texture_weight=weight, decode=decode)(model, x["sample"], *conds, draws=draws)
+        terms = [TextureTerm(weight)] if weight else []
+        objective = XMDPTLoss(image_terms=terms, decode=decode)
+        out = objective(model, x["sample"], model.encode_conditions(*features), draws=draws)
         out.loss.backward()
         losses[weight] = (out.loss.item(), model.final_layer.linear.weight.grad.clone())
     assert losses[2.0][0] > losses[0.0][0]

@@ -1,11 +1,14 @@
 """The denoiser: shapes on any grid, initialisation, masking, batch independence, presets, save/load."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_inputs, tiny_model
+from conftest import randomize, tiny_features, tiny_inputs, tiny_model
 
 from xmdpt.models.xmdpt import (
+    LEGACY_PREFIXES,
     XMDPT,
     XMDPT_PRESETS,
     gather_tokens,
@@ -94,11 +97,11 @@ def test_side_interpolater_restores_every_position():
     tokens = torch.randn(B, N, D)
     ids = random_masking(B, N, 0.3, generator=torch.Generator().manual_seed(1))
     c = torch.randn(B, D)
-    out = model.side_interpolate(gather_tokens(tokens, ids), c, ids, context=torch.randn(B, N, D))
+    out = model.interpolater(gather_tokens(tokens, ids), c, ids, torch.randn(B, N, D), model.decoder_pos_embed)
     for b in range(B):
         kept = set(ids[b].tolist())
         for n in range(N):
-            expected = tokens[b, n] if n in kept else model.mask_token[0, 0]
+            expected = tokens[b, n] if n in kept else model.interpolater.mask_token[0, 0]
             torch.testing.assert_close(out[b, n], expected + model.decoder_pos_embed[0, n])
 
 
@@ -107,29 +110,33 @@ def test_masked_shortcut_keeps_kept_tokens_and_interpolates_dropped_ones():
     B, N, D = 2, model.num_tokens, 32
     tokens = torch.randn(B, N, D)
     ids = random_masking(B, N, 0.3, generator=torch.Generator().manual_seed(1))
-    out = model.side_interpolate(gather_tokens(tokens, ids), torch.randn(B, D), ids, context=torch.randn(B, N, D))
+    context, c = torch.randn(B, N, D), torch.randn(B, D)
+    out = model.interpolater(gather_tokens(tokens, ids), c, ids, context, model.decoder_pos_embed)
     for b in range(B):
         kept = set(ids[b].tolist())
         for n in range(N):
             if n in kept:
                 torch.testing.assert_close(out[b, n], tokens[b, n] + model.decoder_pos_embed[0, n])
             else:
-                assert not torch.allclose(out[b, n], model.mask_token[0, 0] + model.decoder_pos_embed[0, n])
+                mask = model.interpolater.mask_token[0, 0]
+                assert not torch.allclose(out[b, n], mask + model.decoder_pos_embed[0, n])
 
 
 def test_masked_pass_reference_context_gets_no_gradient_and_depends_on_reference():
     model = randomize(tiny_model())
     x = tiny_inputs(model, batch=2)
     ids = random_masking(2, model.num_tokens, 0.3)
-    cond = model.embed_condition(x["pose_features"], x["reference_features"], x["reference_latent"])
-    reference = x["reference_latent"].clone().requires_grad_(True)
-    out = model(x["sample"], x["timestep"], reference_latent=reference, condition=cond, ids_keep=ids)
+    features = tiny_features(model, batch=2)
+    cond = model.encode_conditions(*features)
+    reference = features[2].clone().requires_grad_(True)
+    tokens = model.embed_latent(reference)  # y held fixed: the reference reaches the masked pass as its context only
+    out = model(x["sample"], x["timestep"], replace(cond, reference_tokens=tokens), ids_keep=ids)
     assert out.shape == (2, 8, 8, 6)
     out.sum().backward()  # the cross-attention context is computed without gradient, as published
     assert reference.grad is None
-    assert model.sideblocks_cross[0].attn.to_kv.weight.grad.abs().sum() > 0
+    assert model.interpolater.sideblocks_cross[0].attn.to_kv.weight.grad.abs().sum() > 0
     # ... and the masked output does change with the reference context.
-    other = model(x["sample"], x["timestep"], reference_latent=reference + 1, condition=cond, ids_keep=ids)
+    other = model(x["sample"], x["timestep"], replace(cond, reference_tokens=tokens + 1), ids_keep=ids)
     assert not torch.allclose(out, other)
 
 
@@ -146,17 +153,52 @@ def test_drop_condition_gives_the_unconditional_model():
     model = randomize(tiny_model())
     x = tiny_inputs(model, batch=2)
     dropped = model(**x, drop_condition=torch.tensor([True, False]))
-    uncond = model(x["sample"], x["timestep"], condition=torch.zeros(2, 32))
+    uncond = model(x["sample"], x["timestep"], replace(x["conditions"], y=torch.zeros(2, 32)))
     torch.testing.assert_close(dropped[0], uncond[0])
     assert not torch.allclose(dropped[1], uncond[1])
 
 
-def test_precomputed_condition_equals_computing_it_inside():
+def test_conditions_are_the_aggregation_network_of_the_three_branches():
     model = randomize(tiny_model())
+    pose, reference, latent, _ = tiny_features(model)
+    cond = model.encode_conditions(pose, reference, latent)
+    assert cond.y.shape == (3, 32) and cond.reference_memory is None and cond.pose_map is None
+    agg = model.aggregation  # y = mlp_final(v_P + v_G + v_L), paper Sec. 3.2
+    v = agg.conv1d_pose(agg.mlp_dino_pose(pose)) + agg.conv1d_global(agg.mlp_dino_img(reference))
+    v = v + agg.conv1d_local(model.x_embedder(latent) + model.pos_embed)
+    torch.testing.assert_close(cond.y, agg.mlp_final(v[:, 0]))
+    # Each branch matters.
+    for i in range(3):
+        changed = list((pose, reference, latent))
+        changed[i] = changed[i] + 1
+        assert not torch.allclose(model.encode_conditions(*changed).y, cond.y)
+
+
+def test_public_and_earlier_key_names_load_by_every_path(tmp_path):
+    """Public checkpoints and folders saved before the paper's modules were classes name their tensors flat
+    (`mlp_dino_pose.*`, `sideblocks.*`, `reference_blocks.*`): `load_state_dict` and `from_pretrained` rename them."""
+    from safetensors.torch import save_file
+
+    model = randomize(tiny_model(reference_layers=1))
+    state = model.state_dict()
+    flat = {}
+    for key, value in state.items():
+        for old, new in LEGACY_PREFIXES.items():
+            if key.startswith(new):
+                key = old + key[len(new) :]
+                break
+        flat[key] = value
+    assert "mlp_dino_pose.0.weight" in flat and "sideblocks.0.attn.qkv.weight" in flat and "mask_token" in flat
+    assert "reference_blocks.0.attn.qkv.weight" in flat and "reference_norm.weight" in flat
+    fresh = tiny_model(reference_layers=1)
+    fresh.load_state_dict(dict(flat))
     x = tiny_inputs(model)
-    y = model.embed_condition(x["pose_features"], x["reference_features"], x["reference_latent"])
-    assert y.shape == (3, 32)
-    torch.testing.assert_close(model(**x), model(x["sample"], x["timestep"], condition=y))
+    torch.testing.assert_close(fresh(**x), model(**x), rtol=0, atol=0)
+    # A folder written before the rename: the config and the weights under their old names.
+    model.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in flat.items()}, tmp_path / "diffusion_pytorch_model.safetensors")
+    loaded = XMDPT.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(**x), model(**x), rtol=0, atol=0)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -227,27 +269,29 @@ def test_pose_map_steers_the_prediction_where_the_pose_changes():
     pose = torch.zeros(1, 3, 32, 24)
     moved = pose.clone()
     moved[..., 0:4, 0:4] = 1.0  # a limb in the top-left latent cell only
-    a = model(**x, pose_map=model.pose_map(pose))
-    b = model(**x, pose_map=model.pose_map(moved))
+    features = tiny_features(model, batch=1)[:3]
+    at, to = x["sample"], x["timestep"]
+    a = model(at, to, model.encode_conditions(*features, pose))
+    b = model(at, to, model.encode_conditions(*features, moved))
     assert not torch.allclose(a, b)
     # Unconditional (y dropped) still sees the pose: guidance sharpens appearance, not where the limbs go.
     drop = torch.ones(1, dtype=torch.bool)
     assert not torch.allclose(
-        model(**x, drop_condition=drop, pose_map=model.pose_map(pose)),
-        model(**x, drop_condition=drop, pose_map=model.pose_map(moved)),
+        model(at, to, model.encode_conditions(*features, pose), drop_condition=drop),
+        model(at, to, model.encode_conditions(*features, moved), drop_condition=drop),
     )
     # The masked pass takes it too.
     ids_keep = random_masking(1, model.num_tokens, 0.3, torch.Generator().manual_seed(0))
-    assert model(**x, ids_keep=ids_keep, pose_map=model.pose_map(pose)).shape == a.shape
+    assert model(at, to, model.encode_conditions(*features, pose), ids_keep=ids_keep).shape == a.shape
 
 
 def test_pose_map_is_required_exactly_when_built_with_it():
     with_map, without = pose_map_model(), tiny_model()
-    x = tiny_inputs(with_map, batch=1)
-    with pytest.raises(ValueError, match="needs a pose_map"):
-        with_map(**x)
-    with pytest.raises(ValueError, match="built without a pose_map"):
-        without(**x, pose_map=with_map.pose_map(torch.rand(1, 3, 32, 24)))
+    features = tiny_features(without, batch=1)[:3]
+    with pytest.raises(ValueError, match="needs a pose image"):
+        with_map.encode_conditions(*features)
+    with pytest.raises(ValueError, match="built without a pose image"):
+        without.encode_conditions(*features, torch.rand(1, 3, 32, 24))
     with pytest.raises(ValueError, match="must be 3 x"):
         tiny_model(pose_map_channels=10)
 
@@ -259,42 +303,35 @@ def test_reference_attention_starts_as_the_plain_model_it_fine_tunes_from():
     plain = randomize(tiny_model())
     model = tiny_model(reference_layers=1)
     missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert missing and all(".cross_attn." in k or k.startswith("reference_") for k in missing)
+    assert missing and all(".cross_attn." in k or k.startswith("reference_memory.") for k in missing)
     x = tiny_inputs(model)
+    plain_x = tiny_inputs(plain)
+    torch.testing.assert_close(x["conditions"].y, plain_x["conditions"].y, rtol=0, atol=0)
+    x["conditions"] = replace(plain_x["conditions"], reference_memory=x["conditions"].reference_memory)
     ids_keep = random_masking(3, model.num_tokens, 0.3, torch.Generator().manual_seed(0))
     drop = torch.tensor([True, False, False])
-    torch.testing.assert_close(model(**x), plain(**x), rtol=0, atol=0)
-    torch.testing.assert_close(model(**x, drop_condition=drop), plain(**x, drop_condition=drop), rtol=0, atol=0)
-    torch.testing.assert_close(model(**x, ids_keep=ids_keep), plain(**x, ids_keep=ids_keep), rtol=0, atol=0)
+    torch.testing.assert_close(model(**x), plain(**plain_x), rtol=0, atol=0)
+    torch.testing.assert_close(model(**x, drop_condition=drop), plain(**plain_x, drop_condition=drop), rtol=0, atol=0)
+    torch.testing.assert_close(model(**x, ids_keep=ids_keep), plain(**plain_x, ids_keep=ids_keep), rtol=0, atol=0)
 
 
 def test_reference_attention_reads_the_reference_tokens_and_drops_with_the_condition():
     model = randomize(tiny_model(reference_layers=1))
     x = tiny_inputs(model, batch=2)
-    y = model.embed_condition(x["pose_features"], x["reference_features"], x["reference_latent"])
-    other = x["reference_latent"].flip(0)
-    common = dict(sample=x["sample"], timestep=x["timestep"], condition=y)
+    cond = x["conditions"]
+    assert cond.reference_memory.shape == (2, model.num_tokens, 32)
+    other = replace(cond, reference_memory=model.reference_memory(cond.reference_tokens.flip(0)))
     # y held fixed: the reference still reaches the prediction, through the memory alone ...
-    assert not torch.allclose(
-        model(**common, reference_latent=x["reference_latent"]), model(**common, reference_latent=other)
-    )
+    assert not torch.allclose(model(x["sample"], x["timestep"], cond), model(x["sample"], x["timestep"], other))
     # ... except in the unconditional model of guidance, which sees no reference at all.
     drop = torch.ones(2, dtype=torch.bool)
     torch.testing.assert_close(
-        model(**common, reference_latent=x["reference_latent"], drop_condition=drop),
-        model(**common, reference_latent=other, drop_condition=drop),
+        model(x["sample"], x["timestep"], cond, drop_condition=drop),
+        model(x["sample"], x["timestep"], other, drop_condition=drop),
     )
-    # A memory computed once per image is what the forward computes inside.
-    memory = model.reference_memory(x["reference_latent"])
-    assert memory.shape == (2, model.num_tokens, 32)
-    torch.testing.assert_close(model(**x), model(**common, reference_memory=memory))
-    with pytest.raises(ValueError, match="give reference_memory or reference_latent"):
-        model(**common)
-    with pytest.raises(ValueError, match="without reference attention"):
-        tiny_model()(**common, reference_memory=memory)
     with pytest.raises(ValueError, match="reference_layers"):
         tiny_model(reference_layers=-1)
-    assert tiny_model().reference_memory(x["reference_latent"]) is None
+    assert tiny_model().reference_memory is None
 
 
 # ---- beyond the paper: the convolutional refiner -----------------------------------------------------------------
@@ -309,12 +346,11 @@ def test_refiner_starts_as_the_identity_then_sees_the_noisy_input():
     torch.testing.assert_close(model(**x), plain(**x), rtol=0, atol=0)  # adding it to a trained model changes nothing
 
     randomize(model.refiner, seed=3)
-    y = model.embed_condition(x["pose_features"], x["reference_features"], x["reference_latent"])
-    out = model(x["sample"], x["timestep"], condition=y)
-    assert not torch.allclose(out[:, :4], plain(x["sample"], x["timestep"], condition=y)[:, :4])
-    torch.testing.assert_close(out[:, 4:], plain(x["sample"], x["timestep"], condition=y)[:, 4:])  # variance as is
+    out = model(**x)
+    assert not torch.allclose(out[:, :4], plain(**x)[:, :4])
+    torch.testing.assert_close(out[:, 4:], plain(**x)[:, 4:])  # variance as is
     # It reads x_t itself, locally: moving one latent cell of x_t moves the refined prediction within 2 cells only.
-    prediction, c = plain(x["sample"], x["timestep"], condition=y), torch.randn(3, 32)
+    prediction, c = plain(**x), torch.randn(3, 32)
     moved = x["sample"].clone()
     moved[:, :, 0, 0] += 1.0
     changed = (model.refiner(prediction, moved, c) - model.refiner(prediction, x["sample"], c)).abs().amax((0, 1)) > 0

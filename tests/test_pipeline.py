@@ -5,11 +5,13 @@ import pytest
 import torch
 from conftest import randomize, tiny_model
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from public_schedule import PublicSchedulePipeline
 
 from xmdpt import XMDPTPipeline, make_sampling_scheduler, make_train_scheduler
 from xmdpt.conditioning import DinoV2Encoder, LearnedImageEncoder, PixelCodec, VAECodec
 from xmdpt.errors import InputError
-from xmdpt.pipeline import guidance_ramp
+from xmdpt.pipeline import SAMPLING_DEFAULTS, guidance_ramp, sampler_name
+from xmdpt.schedulers import PublicDDIMScheduler
 
 
 @pytest.fixture
@@ -27,20 +29,28 @@ def inputs(batch=2, seed=0):
     return torch.rand(batch, 3, 64, 48, generator=g) * 2 - 1, torch.rand(batch, 3, 64, 48, generator=g)
 
 
-def run(pipe, ref, pose, **kwargs):
+def run(pipe, ref, pose, public_schedule=False, **kwargs):
+    """Sample; with `public_schedule`, the same components through bench/public_schedule.py's pipeline."""
+    if public_schedule:
+        pipe = PublicSchedulePipeline(**pipe.components, **{k: pipe.config[k] for k in SAMPLING_DEFAULTS})
     kwargs = {"num_inference_steps": 4, "generator": torch.Generator().manual_seed(0), **kwargs}
     return pipe(ref, pose, output_type="pt", progress=False, **kwargs).images
 
 
+def guided_by_hand(pipe, x, t, conditions, scale=3.0):
+    """Classifier-free guidance as two separate passes, the unconditional one with y and the memory dropped."""
+    c = pipe.denoiser(x, t, conditions)
+    u = pipe.denoiser(x, t, conditions, drop_condition=torch.ones(x.shape[0], dtype=torch.bool))
+    return u + guidance_ramp(scale, t, 1000, 1.0) * (c - u), c, u
+
+
 def test_batched_guidance_equals_two_separate_passes(pipe):
     ref, pose = inputs()
-    cond = pipe.embed_condition(pipe.encode_conditions(ref, pose))
+    conditions = pipe.encode_conditions(ref, pose)
     x, t = torch.randn(2, 4, 8, 6), torch.tensor(500)
-    guided = pipe.guided_prediction(x, t, cond, guidance_scale=3.0, power=1.0)
-    c = pipe.denoiser(x, t.expand(2), condition=cond)
-    u = pipe.denoiser(x, t.expand(2), condition=torch.zeros_like(cond))
-    scale = guidance_ramp(3.0, t, 1000, 1.0)
-    torch.testing.assert_close(guided, u + scale * (c - u), rtol=1e-5, atol=1e-6)
+    guided = pipe.guided_prediction(x, t, conditions, guidance_scale=3.0, power=1.0)
+    expected, c, u = guided_by_hand(pipe, x, t, conditions)
+    torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(c, u)
 
 
@@ -237,7 +247,7 @@ def test_pose_map_model_samples_equal_the_public_schedule_and_follow_the_pose(ti
     scheduler = make_sampling_scheduler("ddim", make_train_scheduler().config)
     pipe = XMDPTPipeline(model, VAECodec.from_vae(tiny_hub / "vae"), pose_encoder, reference_encoder, scheduler)
     ref, pose = inputs()
-    assert pipe.encode_conditions(ref, pose)["pose_map"].shape == (2, 192, 8, 6)
+    assert pipe.encode_conditions(ref, pose).pose_map.shape == (2, 192, 8, 6)
     ours = run(pipe, ref, pose)
     torch.testing.assert_close(ours, run(pipe, ref, pose, public_schedule=True), rtol=1e-4, atol=1e-5)
     moved = pose.clone()
@@ -245,32 +255,73 @@ def test_pose_map_model_samples_equal_the_public_schedule_and_follow_the_pose(ti
     assert not torch.allclose(ours, run(pipe, ref, moved))
     # Guidance batches the pose map with both halves.
     conditions = pipe.encode_conditions(ref, pose)
-    cond = pipe.embed_condition(conditions)
-    x, t, pm = torch.randn(2, 4, 8, 6), torch.tensor(500), conditions["pose_map"]
-    guided = pipe.guided_prediction(x, t, cond, 3.0, 1.0, pm)
-    c = pipe.denoiser(x, t.expand(2), condition=cond, pose_map=pm)
-    u = pipe.denoiser(x, t.expand(2), condition=torch.zeros_like(cond), pose_map=pm)
-    torch.testing.assert_close(guided, u + guidance_ramp(3.0, t, 1000, 1.0) * (c - u), rtol=1e-5, atol=1e-6)
+    x, t = torch.randn(2, 4, 8, 6), torch.tensor(500)
+    guided = pipe.guided_prediction(x, t, conditions, 3.0, 1.0)
+    torch.testing.assert_close(guided, guided_by_hand(pipe, x, t, conditions)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_reference_attention_model_samples_equal_the_public_schedule_and_round_trip(tmp_path):
     from tiny_pipeline import tiny_pipeline
 
-    pipe = tiny_pipeline(reference_layers=1, pose_map_channels=12)  # 32x24 images, 16x12 latents: factor 2
+    pipe = tiny_pipeline(reference_layers=1, pose_map_channels=12, refine_channels=8)  # factor 2: 32x24 -> 16x12
+    randomize(pipe.denoiser.refiner, std=0.05)
     ref, pose = torch.rand(2, 3, 32, 24) * 2 - 1, torch.rand(2, 3, 32, 24)
     conditions = pipe.encode_conditions(ref, pose)
-    assert conditions["reference_memory"].shape == (2, 48, 32)  # once per image, with the other conditions
+    assert conditions.reference_memory.shape == (2, 48, 32)  # once per image, with the other conditions
     ours = run(pipe, ref, pose)
+    # The public schedule with every part the model has: pose map, reference attention, refiner.
     torch.testing.assert_close(ours, run(pipe, ref, pose, public_schedule=True), rtol=1e-4, atol=1e-5)
     # Guidance: one batched forward whose unconditional half drops y and the memory, not the pose map.
-    cond = pipe.embed_condition(conditions)
     x, t = torch.randn(2, 12, 16, 12), torch.tensor(500)
-    extra = dict(pose_map=conditions["pose_map"], reference_memory=conditions["reference_memory"])
-    guided = pipe.guided_prediction(x, t, cond, 3.0, 1.0, **extra)
-    c = pipe.denoiser(x, t.expand(2), condition=cond, **extra)
-    u = pipe.denoiser(x, t.expand(2), condition=cond, drop_condition=torch.ones(2, dtype=torch.bool), **extra)
-    torch.testing.assert_close(guided, u + guidance_ramp(3.0, t, 1000, 1.0) * (c - u), rtol=1e-5, atol=1e-6)
+    guided = pipe.guided_prediction(x, t, conditions, 3.0, 1.0)
+    torch.testing.assert_close(guided, guided_by_hand(pipe, x, t, conditions)[0], rtol=1e-5, atol=1e-6)
     pipe.save_pretrained(tmp_path)
     loaded = XMDPTPipeline.from_pretrained(tmp_path)
     assert loaded.denoiser.config.reference_layers == 1
     torch.testing.assert_close(run(loaded, ref, pose), ours, rtol=0, atol=0)
+
+
+def test_the_pipeline_owns_its_sampling_defaults_and_saves_them(pipe, tmp_path):
+    """A bare call samples with the pipeline's own settings; a call's keyword arguments override them once; the
+    settings travel in model_index.json."""
+    ref, pose = inputs()
+    pipe.set_sampling_defaults(num_inference_steps=3, guidance_scale=3.0, guidance_interval=(200, 800))
+    settings = pipe.sampling_settings()
+    assert (settings.sampler, settings.num_inference_steps, settings.guidance_scale) == ("ddim", 3, 3.0)
+    assert settings.guidance_interval == (200.0, 800.0)
+    explicit = run(pipe, ref, pose, num_inference_steps=3, guidance_scale=3.0, guidance_interval=(200, 800))
+    bare = pipe(ref, pose, output_type="pt", progress=False, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(bare, explicit, rtol=0, atol=0)
+    assert not torch.allclose(bare, run(pipe, ref, pose, num_inference_steps=3, guidance_scale=1.0), atol=1e-4)
+    pipe.save_pretrained(tmp_path)
+    loaded = XMDPTPipeline.from_pretrained(tmp_path)
+    assert loaded.sampling_settings() == settings
+    for bad in (dict(num_inference_steps=0), dict(guidance_scale=float("nan")), dict(guidance_interval=(9, 1))):
+        with pytest.raises(InputError):
+            pipe.set_sampling_defaults(**bad)
+    with pytest.raises(TypeError, match="unknown"):
+        pipe.sampling_settings(steps=3)
+
+
+def test_seeds_give_each_image_the_noise_it_gets_alone(pipe):
+    ref, pose = inputs(batch=3)
+    batch = run(pipe, ref, pose, generator=None, seed=[5, 6, 7])
+    alone = run(pipe, ref[1:2], pose[1:2], generator=None, seed=[6])
+    torch.testing.assert_close(alone, batch[1:2], rtol=1e-4, atol=1e-5)
+    # One int seeds the whole batch, as a generator would.
+    torch.testing.assert_close(
+        run(pipe, ref, pose, generator=None, seed=5), run(pipe, ref, pose, generator=torch.Generator().manual_seed(5))
+    )
+    with pytest.raises(InputError, match="seeds for 3 images"):
+        run(pipe, ref, pose, generator=None, seed=[1, 2])
+    with pytest.raises(InputError, match="not both"):
+        run(pipe, ref, pose, seed=1)
+
+
+def test_ddim_public_is_a_sampler_by_name(pipe, tmp_path):
+    pipe.set_sampler("ddim-public")
+    assert isinstance(pipe.scheduler, PublicDDIMScheduler) and sampler_name(pipe.scheduler) == "ddim-public"
+    ref, pose = inputs()
+    ours = run(pipe, ref, pose)
+    pipe.set_sampler("ddim")
+    assert not torch.allclose(ours, run(pipe, ref, pose), atol=1e-5)  # DDIM steps to t - T/n, not the next visited

@@ -4,6 +4,7 @@ import copy
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,10 +183,12 @@ def test_training_writes_checkpoints_logs_and_a_loadable_pipeline(synth_root, tm
     assert images[0].size == (24, 32)
     # A synthetic run's export names its data set, so `xmdpt demo --model` scores it on the held-out people.
     from xmdpt.cli import main
-    from xmdpt.default_model import read_model_info
+    from xmdpt.default_model import load_pipeline, synthetic_set
 
-    info = read_model_info(out / "checkpoints" / "step_00000006" / "pipeline")
-    assert info.synth.num_identities == 12 and info.synth.size == (32, 24) and info.num_inference_steps == 2
+    synth = synthetic_set(out / "checkpoints" / "step_00000006" / "pipeline")
+    assert synth.num_identities == 12 and synth.size == (32, 24)
+    exported = load_pipeline(out / "checkpoints" / "step_00000006" / "pipeline", "cpu")
+    assert exported.sampling_settings().num_inference_steps == 2  # run.sample_steps, the grids' own
     main(
         ["demo", "--model", str(out / "checkpoints" / "step_00000006" / "pipeline"), "--out", str(tmp_path / "d.png")]
     )
@@ -356,11 +359,11 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(synth_root, tmp_
     trainer = Trainer(config)
     original = trainer.write_checkpoint
 
-    def write(folder):
+    def write(folder, bad_samples):
         if trainer.step == 4:
             (folder / "model.safetensors").write_bytes(b"partial")
             raise OSError(28, "No space left on device")
-        original(folder)
+        original(folder, bad_samples)
 
     trainer.write_checkpoint = write
     with pytest.raises(OSError, match="No space left.*step_00000002.*intact"):
@@ -550,8 +553,9 @@ def test_feature_cache_serves_the_frozen_outputs_and_trains(synth_root, tmp_path
     trainer = Trainer(config)
     assert isinstance(trainer.dataset, CachedPairs) and list((tmp_path / "cache").glob("shard_*.safetensors"))
     # A cached entry equals the frozen networks' output on the (flipped) image, to float16 precision.
-    name = trainer.images.pairs[0].target
-    image, pose = image_tensors(trainer.images, name, flip=True)
+    images = trainer.dataset.dataset  # the image data set the cache serves from
+    name = images.pairs[0].target
+    image, pose = image_tensors(images, name, flip=True)
     entry = trainer.dataset.entry(name, flip=True)
     frozen = trainer.accelerator.unwrap_model(trainer.step_module).frozen
     with torch.no_grad():
@@ -602,11 +606,11 @@ def test_init_from_adds_reference_attention_to_a_trained_model(synth_root, tmp_p
     more = ("model.reference_layers=1", "model.refine_channels=8", f"model.init_from={start}", "optim.max_steps=2")
     with caplog.at_level("INFO", logger="xmdpt.training.trainer"):
         trainer = Trainer(load_config(None, overrides(synth_root, tmp_path / "ref", *more)))
-    new = "denoiser.blocks.*.cross_attn, denoiser.reference_blocks, denoiser.reference_norm, denoiser.refiner"
+    new = "denoiser.blocks.*.cross_attn, denoiser.reference_memory, denoiser.refiner"
     assert f"newly initialised: {new}" in caplog.text
     # Step 0 computes the saved model's function, learned encoders included.
-    x = tiny_inputs(trainer.denoiser, batch=2)
-    torch.testing.assert_close(trainer.denoiser(**x), saved.denoiser(**x), rtol=0, atol=0)
+    x, saved_x = tiny_inputs(trainer.denoiser, batch=2), tiny_inputs(saved.denoiser, batch=2)  # the same draws
+    torch.testing.assert_close(trainer.denoiser(**x), saved.denoiser(**saved_x), rtol=0, atol=0)
     for name in ("pose_encoder", "reference_encoder"):
         for key, value in getattr(saved, name).state_dict().items():
             torch.testing.assert_close(getattr(trainer, name).state_dict()[key], value, rtol=0, atol=0)
@@ -653,7 +657,7 @@ def test_init_from_adds_reference_attention_to_a_trained_model(synth_root, tmp_p
 
 def test_a_synthetic_run_reuses_a_set_only_with_its_pattern_scale(tmp_path):
     from xmdpt.data.synthetic import SynthConfig
-    from xmdpt.default_model import read_model_info, write_model_info
+    from xmdpt.default_model import synthetic_set, write_synthetic_set
     from xmdpt.training.build import ensure_synthetic
 
     root = tmp_path / "set"
@@ -669,5 +673,31 @@ def test_a_synthetic_run_reuses_a_set_only_with_its_pattern_scale(tmp_path):
     with pytest.raises(InputError, match="pattern_cell"):
         load_config(None, [*base, "data.synth_pattern_cell=[0.2,0.1]"])
     # The range travels with an exported model, so that `xmdpt demo --model` draws the people it was trained on.
-    write_model_info(tmp_path, SynthConfig(size=(32, 24), pattern_cell=(0.08, 0.14)), 25, 1.0)
-    assert read_model_info(tmp_path).synth.pattern_cell == (0.08, 0.14)
+    write_synthetic_set(tmp_path, SynthConfig(size=(32, 24), pattern_cell=(0.08, 0.14)))
+    assert synthetic_set(tmp_path).pattern_cell == (0.08, 0.14)
+
+
+def test_bad_samples_are_counted_in_the_data_workers_too(synth_root, tmp_path):
+    """Each DataLoader worker holds its own copy of the data set: the skip count travels with the items, so the
+    run's summary counts what the workers passed over (the main process's copy sees none of it)."""
+    from xmdpt.training.trainer import train
+
+    root = tmp_path / "set"
+    shutil.copytree(synth_root, root)
+    for path in sorted((root / "train").glob("*.png"))[::2]:  # every other training image corrupt
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    config = load_config(None, [*overrides(root, tmp_path / "run", "optim.max_steps=3"), "data.num_workers=1"])
+    train(config)
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["skipped_bad_samples"] > 0
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["skipped_bad_samples"] == summary["skipped_bad_samples"]
+
+
+def test_help_answers_without_importing_torch():
+    """`xmdpt --help` and each command's help must be instant: nothing heavy is imported to print them."""
+    code = "import sys, xmdpt.cli; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for command in ([], ["generate"], ["train"], ["evaluate"], ["serve"], ["demo"], ["convert"], ["pose"]):
+        done = subprocess.run([sys.executable, "-m", "xmdpt", *command, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "Usage" in done.stdout, done.stderr

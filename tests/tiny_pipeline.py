@@ -34,7 +34,8 @@ def tiny_pipeline(size: tuple[int, int] = SIZE, sampler: str = "ddim", **model_o
 
 def save_tiny_default(folder: Path, steps: int = 3) -> Path:
     """Write the tiny pipeline plus its `xmdpt_default.json` to `folder`, as the shipped default is laid out."""
-    tiny_pipeline().save_pretrained(folder)
-    info = {**SYNTH, "num_inference_steps": steps, "guidance_scale": 1.5}
-    (Path(folder) / "xmdpt_default.json").write_text(json.dumps(info))
+    pipe = tiny_pipeline()
+    pipe.set_sampling_defaults(num_inference_steps=steps, guidance_scale=1.5)
+    pipe.save_pretrained(folder)
+    (Path(folder) / "xmdpt_default.json").write_text(json.dumps(SYNTH))
     return Path(folder)

@@ -18,7 +18,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from xmdpt.data.images import load_image
@@ -56,10 +55,8 @@ def skeleton_image(pose: Pose, size: tuple[int, int] = PREVIEW_SIZE) -> Image.Im
 class Reposer:
     """The page's logic: upload checks, pose sources and generation over one loaded pipeline."""
 
-    pipe: object
-    num_inference_steps: int = 50
-    guidance_scale: float = 2.0
-    guidance_interval: tuple[float, float] | None = None  # guide only at timesteps in [lo, hi]; None: every step
+    pipe: object  # an XMDPTPipeline: it brings its own sampling settings
+    num_inference_steps: int | None = None  # the page's initial steps; None: the model's
     max_upload_mb: float = MAX_UPLOAD_MB
     fit: str = "pad"
 
@@ -68,6 +65,8 @@ class Reposer:
         self._poses = PoseReader()  # opens MediaPipe on the first driving photo and keeps it for the next ones
         self._lock = threading.Lock()  # MediaPipe's graph and the sampler are not for concurrent use
         self.out_dir = Path(tempfile.mkdtemp(prefix="xmdpt-app-"))
+        if self.num_inference_steps is None:
+            self.num_inference_steps = self.pipe.config.num_inference_steps
 
     # ---- uploads ------------------------------------------------------------------------------------------------
     def check_upload(self, path: str | Path | None, what: str) -> Path:
@@ -116,15 +115,7 @@ class Reposer:
         if not 1 <= steps <= MAX_STEPS:
             raise InputError(f"steps must lie in 1..{MAX_STEPS}")
         with self._lock:
-            image = self.pipe(
-                reference,
-                pose,
-                num_inference_steps=steps,
-                guidance_scale=self.guidance_scale,
-                generator=torch.Generator().manual_seed(int(seed)),
-                fit=self.fit,
-                guidance_interval=self.guidance_interval,
-            ).images[0]
+            image = self.pipe(reference, pose, num_inference_steps=steps, seed=int(seed), fit=self.fit).images[0]
         path = self.out_dir / f"xmdpt-{uuid.uuid4().hex[:8]}.png"
         image.save(path)
         return image, path

@@ -1,19 +1,13 @@
-"""The embedded default model and loading any pipeline folder the way the CLI and the web page need it.
+"""The embedded default model, and loading any pipeline folder the way the CLI and the web page need it.
 
 The default is a small pixel-space X-MDPT trained on the synthetic set, shipped in `xmdpt/assets/default/` (a
 `save_pretrained` folder) so that `xmdpt demo`, `xmdpt generate` and `xmdpt serve` work with no download.
-`XMDPT_DEFAULT_MODEL=/some/folder` points at another folder (tests, or trying a new checkpoint).
+`XMDPT_DEFAULT_MODEL=/some/folder` points at another folder (tests, or trying a new checkpoint). Its sampling
+defaults are the pipeline's own config (`model_index.json`), like any pipeline's.
 
-Beside the pipeline, `xmdpt_default.json` records how the model was made and how to sample it:
-
-    {"num_identities": 2000, "poses_per_identity": 4, "size": [64, 48], "seed": 0, "test_fraction": 0.1,
-     "masks": true, "pattern_cell": [0.08, 0.14], "num_inference_steps": 25, "guidance_scale": 2.5,
-     "guidance_interval": [200, 800], "trained": {...}}
-
-the `SynthConfig` fields describe the training set (the demo regenerates its held-out identities from them; missing
-ones take their defaults), `num_inference_steps`, `guidance_scale` and `guidance_interval` the sampling defaults
-(optional; 50, 2.0 and guidance at every step otherwise), and `trained` where the weights came from. Any pipeline
-folder may carry this file.
+Beside the pipeline, `xmdpt_default.json` says which synthetic set the model was trained on, so that the demo can
+regenerate its held-out people: the `SynthConfig` fields (missing ones take their defaults) and `trained`, where the
+weights came from. Any pipeline folder trained on the synthetic set may carry it.
 """
 
 from __future__ import annotations
@@ -22,22 +16,21 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from xmdpt.data.synthetic import SynthConfig
 from xmdpt.errors import InputError
-from xmdpt.guidance import check_guidance_interval
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "XMDPT_DEFAULT_MODEL"
 INFO_FILE = "xmdpt_default.json"
 PIPELINE_CLASS = "XMDPTPipeline"
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 2.0
+# Sampling keys that folders written before the pipeline owned its defaults kept in INFO_FILE.
+LEGACY_SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_interval")
 
 
 def default_model_path() -> Path:
@@ -50,55 +43,35 @@ def default_model_path() -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """The contents of `xmdpt_default.json`: the synthetic training set and the sampling defaults."""
-
-    synth: SynthConfig | None = None
-    num_inference_steps: int = DEFAULT_STEPS
-    guidance_scale: float = DEFAULT_GUIDANCE
-    guidance_interval: tuple[float, float] | None = None  # guide only at timesteps in [lo, hi]; None: at every step
-
-
-def read_model_info(folder: str | Path | None) -> ModelInfo:
-    """`xmdpt_default.json` of a local pipeline folder; defaults when there is none (a Hub id, another model)."""
+def _read_info(folder: str | Path | None) -> dict:
     path = Path(folder) / INFO_FILE if folder is not None else None
     if path is None or not path.is_file():
-        return ModelInfo()
+        return {}
     try:
         obj = json.loads(path.read_text())
-        synth_keys = {f.name for f in fields(SynthConfig)} & obj.keys()
-        synth = None
-        if "size" in synth_keys:
-            synth = SynthConfig(**{k: obj[k] for k in synth_keys} | {"size": tuple(int(v) for v in obj["size"])})
-        return ModelInfo(
-            synth=synth,
-            num_inference_steps=int(obj.get("num_inference_steps", DEFAULT_STEPS)),
-            guidance_scale=float(obj.get("guidance_scale", DEFAULT_GUIDANCE)),
-            guidance_interval=check_guidance_interval(obj.get("guidance_interval")),
-        )
-    except InputError as err:
-        raise InputError(f"{path}: {err}") from None
-    except (OSError, ValueError, TypeError, AttributeError) as err:
+    except (OSError, ValueError) as err:
         raise InputError(f"{path}: not a valid {INFO_FILE} ({err})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: not a valid {INFO_FILE} (not a JSON object)")
+    return obj
 
 
-def write_model_info(
-    folder: str | Path,
-    synth: SynthConfig | None,
-    num_inference_steps: int,
-    guidance_scale: float,
-    guidance_interval: tuple[float, float] | None = None,
-    **extra,
-) -> Path:
+def synthetic_set(folder: str | Path | None) -> SynthConfig | None:
+    """The synthetic set a pipeline folder was trained on (its `xmdpt_default.json`); None when there is none."""
+    obj = _read_info(folder)
+    keys = {f.name for f in fields(SynthConfig)} & obj.keys()
+    if "size" not in keys:
+        return None
+    try:
+        return SynthConfig(**{k: obj[k] for k in keys} | {"size": tuple(int(v) for v in obj["size"])})
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{Path(folder) / INFO_FILE}: not a valid {INFO_FILE} ({err})") from None
+
+
+def write_synthetic_set(folder: str | Path, synth: SynthConfig, **extra) -> Path:
     """Write `xmdpt_default.json` beside a saved pipeline (`extra`: more keys, e.g. how it was trained)."""
-    info = {} if synth is None else asdict(synth)  # tuples are written as JSON lists
-    info.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    if guidance_interval is not None:
-        info.update(guidance_interval=list(check_guidance_interval(guidance_interval)))
-    info.update(extra)
     path = Path(folder) / INFO_FILE
-    path.write_text(json.dumps(info, indent=1) + "\n")
+    path.write_text(json.dumps(asdict(synth) | extra, indent=1) + "\n")  # tuples are written as JSON lists
     return path
 
 
@@ -153,9 +126,9 @@ def _quiet_loading():
 
 
 def load_pipeline(model: str | Path | None = None, device: str | torch.device | None = None):
-    """An `XMDPTPipeline` from a local folder, a Hub id, or (None) the embedded default, on `device`, in eval mode.
-    Returns (pipeline, model info)."""
-    from xmdpt.pipeline import XMDPTPipeline  # the pipeline imports diffusers; keep `--help` fast
+    """An `XMDPTPipeline` from a local folder, a Hub id, or (None) the embedded default, on `device`, in eval mode,
+    with the folder's own sampling defaults."""
+    from xmdpt.pipeline import SAMPLING_DEFAULTS, XMDPTPipeline  # the pipeline imports diffusers; keep `--help` fast
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     path = default_model_path() if model is None else Path(model)
@@ -173,9 +146,17 @@ def load_pipeline(model: str | Path | None = None, device: str | torch.device | 
         raise InputError(f"{model or path}: cannot load the pipeline ({first})") from None
     if not isinstance(pipe, XMDPTPipeline):
         raise InputError(f"{model or path}: loads as {type(pipe).__name__}, not an xmdpt pipeline")
+    if local:
+        index = json.loads((path / "model_index.json").read_text())
+        legacy = {k: v for k, v in _read_info(path).items() if k in LEGACY_SAMPLING_KEYS and k not in index}
+        if legacy and not any(k in index for k in SAMPLING_DEFAULTS):
+            try:
+                pipe.set_sampling_defaults(**legacy)
+            except InputError as err:
+                raise InputError(f"{path / INFO_FILE}: {err}") from None
     pipe.to(device)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
     log.debug("loaded %s on %s", path, device)
-    return pipe, read_model_info(path if local else None)
+    return pipe

@@ -39,6 +39,7 @@ from xmdpt.errors import InputError
 from xmdpt.inputs import image_tensor
 from xmdpt.pose.keypoints import DEEPFASHION_FRAME, Pose
 from xmdpt.pose.render import draw_skeleton
+from xmdpt.settings import SamplingSettings
 
 log = logging.getLogger(__name__)
 COLUMNS = ("reference", "target pose", "generated", "ground truth")
@@ -205,30 +206,31 @@ def make_grid(pairs: list[HeldOutPair], generated: list[Image.Image]) -> Image.I
 
 
 def run_demo(
-    pipe,
-    synth: SynthConfig,
-    num_pairs: int = 8,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 2.0,
-    seed: int = 0,
-    progress: bool = True,
-    guidance_interval: tuple[float, float] | None = None,
+    pipe, synth: SynthConfig, settings: SamplingSettings, num_pairs: int = 8, seed: int = 0, progress: bool = True
 ) -> DemoResult:
-    """Generate `num_pairs` held-out pairs in one batch, score them and the copy-the-reference baseline, and draw
-    the grid. `guidance_interval`: see `XMDPTPipeline.__call__`."""
+    """Generate `num_pairs` held-out pairs in one batch with `settings` (from `pipe.sampling_settings`), score them
+    and the copy-the-reference baseline, and draw the grid. The batch's noise is drawn from `seed`."""
+    from xmdpt.generation import Job, generate_batches
+    from xmdpt.inputs import prepare_inputs
+    from xmdpt.pipeline import to_pil
+
     if num_pairs < 1:
         raise InputError(f"--num-pairs must be at least 1, got {num_pairs}")
     start = time.perf_counter()
     pairs = held_out_pairs(synth, num_pairs, seed, pipe.image_size)
-    generated = pipe(
-        [p.reference for p in pairs],
-        [p.target_pose for p in pairs],
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(seed),
-        progress=progress,
-        guidance_interval=guidance_interval,
-    ).images
+    shape = (len(pairs), pipe.denoiser.config.in_channels, *pipe.denoiser.config.sample_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    jobs = [
+        Job(
+            p.reference_name,
+            seed,
+            lambda p=p: prepare_inputs(p.reference, p.target_pose, pipe.image_size),
+            noise[i : i + 1],
+        )
+        for i, p in enumerate(pairs)
+    ]
+    results = generate_batches(pipe, jobs, settings, batch_size=len(jobs), progress=progress, description="demo")
+    generated = to_pil(torch.stack([r.image for r in results]))
     model = score(generated, pairs)
     baseline = score([p.reference for p in pairs], pairs)
     grid = make_grid(pairs, generated)

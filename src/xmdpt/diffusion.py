@@ -2,14 +2,15 @@
 
 loss = loss(full pass) + loss(masked pass) (paper Eq. 7, equal weights), each over the whole latent, where
 loss(pass) = MSE(prediction, target) + L_vb, the learned-range variational term of Improved DDPM (Nichol & Dhariwal
-2021, Eq. 16) computed on a detached mean so that it trains only the variance. The scheduler owns the noise math
+2021, Eq. 16) computed on a detached mean so that it trains only the variance. Beyond the paper, small image terms
+(`TextureTerm`, `PaletteTerm`) can be composed in, EDM-style. The scheduler owns the noise math
 (betas, add_noise, velocity); this module owns the masking and the loss.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from xmdpt.conditioning.encoders import neighbour_differences
-from xmdpt.models.xmdpt import XMDPT, random_masking
+from xmdpt.models.xmdpt import XMDPT, Conditions, random_masking
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -150,27 +151,57 @@ class LossOutput:
     timesteps: torch.Tensor  # (B,)
 
 
+class ImageTerm:
+    """A loss term on decoded images, beyond the paper: weight x the squared error between a phase-blind statistic
+    of the decoded x0 estimate and the same statistic of the decoded target. MSE alone makes the x0 estimate a
+    posterior mean, so detail whose phase the noisy input does not yet fix (a fine stripe or check) averages to a flat
+    tint; a statistic that does not see phase asks for detail of the right kind in the right place at any phase, as
+    perceptual losses do."""
+
+    def __init__(self, weight: float):
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"{type(self).__name__} weight must be a finite number > 0, got {weight}")
+        self.weight = weight
+
+    def statistic(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss from the two statistics (`statistic` of the estimate's and the target's images)."""
+        return self.weight * mean_flat((estimate - target) ** 2)
+
+
+class TextureTerm(ImageTerm):
+    """`local_contrast` maps at pixel distances `lags`: how much detail, and at what scale, whatever its phase."""
+
+    def __init__(self, weight: float, lags: tuple[int, ...] = (1,)):
+        super().__init__(weight)
+        check_lags(lags)
+        self.lags = tuple(int(lag) for lag in lags)
+
+    def statistic(self, images: torch.Tensor) -> torch.Tensor:
+        return local_contrast(images, lags=self.lags)
+
+
+class PaletteTerm(ImageTerm):
+    """`local_covariance` maps: the contrast maps are blind to colour (a check in the wrong colours has the same
+    contrast); the local colour covariance asks for detail in the reference's colours."""
+
+    def statistic(self, images: torch.Tensor) -> torch.Tensor:
+        return local_covariance(images)
+
+
 class XMDPTLoss:
-    """Full pass + masked pass, each MSE + learned-range L_vb.
+    """Full pass + masked pass, each MSE + learned-range L_vb (+ any image terms).
 
     scheduler: the training `DDPMScheduler`; its `prediction_type` chooses the MSE target (epsilon as published;
         v- or x0-prediction converge much faster for small models) and its `variance_type` whether L_vb is used.
     mask_ratio: fraction of target tokens dropped in the masked pass (0.3 as published); 0 disables that pass.
     condition_dropout: probability that a sample's condition y is zeroed, drawn anew for each pass as the public code
         does, which trains the unconditional model of classifier-free guidance (0.1 as published).
-    texture_weight: beyond the paper, 0 (off) as published. Adds texture_weight x the squared error between the
-        `local_contrast` maps of the decoded x0 estimate and of the decoded target. MSE alone makes the x0 estimate
-        a posterior mean, so detail whose phase the noisy input does not yet fix (a fine stripe or check) averages
-        to a flat tint; the contrast maps do not see phase, so this term asks for detail of the right kind in the
-        right place at any phase, as perceptual losses do.
-    palette_weight: beyond the paper, 0 (off). Adds palette_weight x the squared error between the
-        `local_covariance` maps of the decoded x0 estimate and of the decoded target. The contrast maps are blind to
-        colour (a check in the wrong colours has the same contrast); the covariance asks for detail in the
-        reference's colours.
-    texture_lags: the pixel distances of the texture term's `local_contrast` maps; (1,), neighbours only, by default.
-        More lags also ask for the detail's scale (cells of the right size rather than one-pixel grain).
-    decode: latents (B, C, H, W) -> images (B, 3, H', W'), differentiable (the codec's `decode`); needed with a
-        texture weight.
+    image_terms: `TextureTerm`, `PaletteTerm` (beyond the paper; none as published), composed by the config.
+    decode: latents (B, C, H, W) -> images (B, 3, H', W'), differentiable (the codec's `decode`); needed by image
+        terms.
     """
 
     def __init__(
@@ -178,9 +209,7 @@ class XMDPTLoss:
         scheduler: DDPMScheduler | None = None,
         mask_ratio: float = 0.3,
         condition_dropout: float = 0.1,
-        texture_weight: float = 0.0,
-        palette_weight: float = 0.0,
-        texture_lags: tuple[int, ...] = (1,),
+        image_terms: Sequence[ImageTerm] = (),
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.scheduler = scheduler or make_train_scheduler()
@@ -188,17 +217,11 @@ class XMDPTLoss:
             raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
         if not 0 <= condition_dropout <= 1:
             raise ValueError(f"condition_dropout must lie in [0, 1], got {condition_dropout}")
-        for name, weight in (("texture_weight", texture_weight), ("palette_weight", palette_weight)):
-            if not (weight >= 0 and math.isfinite(weight)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {weight}")
-            if weight > 0 and decode is None:
-                raise ValueError(f"a {name.replace('_', ' ')} needs `decode`, the codec's latents-to-images map")
+        if image_terms and decode is None:
+            raise ValueError("image terms need `decode`, the codec's latents-to-images map")
         self.mask_ratio = mask_ratio
         self.condition_dropout = condition_dropout
-        self.texture_weight = texture_weight
-        self.palette_weight = palette_weight
-        check_lags(texture_lags)
-        self.texture_lags = tuple(int(lag) for lag in texture_lags)
+        self.image_terms = tuple(image_terms)
         self.decode = decode
         s = self.scheduler
         alphas_cumprod = s.alphas_cumprod.double()
@@ -252,20 +275,11 @@ class XMDPTLoss:
         nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    @property
-    def uses_images(self) -> bool:
-        """Whether a term compares decoded images (texture or palette)."""
-        return self.texture_weight > 0 or self.palette_weight > 0
+    def image_statistics(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [term.statistic(images) for term in self.image_terms]
 
-    def image_statistics(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The image terms' statistics of decoded images: (`local_contrast`, `local_covariance`), None where the
-        term is off."""
-        contrast = local_contrast(images, lags=self.texture_lags) if self.texture_weight > 0 else None
-        covariance = local_covariance(images) if self.palette_weight > 0 else None
-        return contrast, covariance
-
-    def target_statistics(self, x0: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The image terms' targets: `image_statistics` of the decoded clean latents, no gradient."""
+    def target_statistics(self, x0: torch.Tensor) -> list[torch.Tensor]:
+        """The image terms' targets: their statistics of the decoded clean latents, no gradient."""
         with torch.no_grad():
             return self.image_statistics(self.decode(x0))
 
@@ -276,22 +290,20 @@ class XMDPTLoss:
         noise: torch.Tensor,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        targets: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+        targets: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """MSE (+ L_vb with learned sigma, + the texture and palette terms) of one model output (B, C or 2C, H, W),
-        per sample. `targets`: `target_statistics(x0)`, when the caller has them already (both passes share them)."""
+        """MSE (+ L_vb with learned sigma, + the image terms) of one model output (B, C or 2C, H, W), per sample.
+        `targets`: `target_statistics(x0)`, when the caller has them already (both passes share them)."""
         C = x0.shape[1]
         prediction, v = output[:, :C], output[:, C:]
         loss = mean_flat((prediction.float() - self.target(x0, noise, t)) ** 2)
         if self.learn_sigma:
             loss = loss + self.variational_bound(prediction.float(), v.float(), x0, x_t, t)
-        if self.uses_images:
+        if self.image_terms:
             targets = self.target_statistics(x0) if targets is None else targets
             estimate = self.image_statistics(self.decode(self.predicted_x0(prediction.float(), x_t, t)))
-            weights = (self.texture_weight, self.palette_weight)
-            for weight, ours, theirs in zip(weights, estimate, targets, strict=True):
-                if weight > 0:
-                    loss = loss + weight * mean_flat((ours - theirs) ** 2)
+            for term, ours, theirs in zip(self.image_terms, estimate, targets, strict=True):
+                loss = loss + term(ours, theirs)
         return loss
 
     def draw(
@@ -317,37 +329,30 @@ class XMDPTLoss:
         self,
         model: XMDPT,
         latents: torch.Tensor,
-        pose_features: torch.Tensor,
-        reference_features: torch.Tensor,
-        reference_latent: torch.Tensor,
+        conditions: Conditions,
         generator: torch.Generator | None = None,
         draws: LossDraws | None = None,
-        pose_map: torch.Tensor | None = None,
     ) -> LossOutput:
-        """One training loss on clean target latents (B, C, H, W) and their conditions.
+        """One training loss on clean target latents (B, C, H, W) and their `conditions` (from
+        `model.encode_conditions`, with gradient: the aggregation network trains through both passes).
 
         Both passes see the same t; the noise and the condition dropout are drawn for each pass, as published. `draws`
-        (from `draw`) fixes the randomness; otherwise it is drawn from `generator`. `pose_map` goes to models built
-        with pose_map_channels > 0.
+        (from `draw`) fixes the randomness; otherwise it is drawn from `generator`.
         """
         if draws is None:
             draws = self.draw(tuple(latents.shape), model.num_tokens, generator)
         draws = draws.to(latents.device)
         t, noise = draws.timesteps, draws.noise.to(latents.dtype)
         x_t = self.scheduler.add_noise(latents, noise, t)
-        conditions = (pose_features, reference_features, reference_latent)
-
         # The image terms' targets are decoded once per step, not once per pass (an SD-VAE decode is not cheap).
-        targets = self.target_statistics(latents) if self.uses_images else None
-        output = model(x_t, t, *conditions, drop_condition=draws.drop_full, pose_map=pose_map)
+        targets = self.target_statistics(latents) if self.image_terms else None
+        output = model(x_t, t, conditions, drop_condition=draws.drop_full)
         full = self.pass_loss(output, latents, noise, x_t, t, targets)
         masked = None
         if draws.ids_keep is not None:
             noise = noise if draws.noise_masked is None else draws.noise_masked.to(latents.dtype)
             x_t = self.scheduler.add_noise(latents, noise, t)
-            output = model(
-                x_t, t, *conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep, pose_map=pose_map
-            )
+            output = model(x_t, t, conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep)
             masked = self.pass_loss(output, latents, noise, x_t, t, targets)
         total = full.mean() + (masked.mean() if masked is not None else 0.0)
         return LossOutput(

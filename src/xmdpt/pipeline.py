@@ -1,19 +1,23 @@
-"""XMDPTPipeline: the sampling loop (a diffusers `DiffusionPipeline`).
+"""XMDPTPipeline: the sampling loop and its defaults (a diffusers `DiffusionPipeline`).
 
 Components: the denoiser (`XMDPT`), a latent codec (`VAECodec` or `PixelCodec`), a pose encoder and a reference
 encoder (`DinoV2Encoder` or `LearnedImageEncoder`), and any diffusers scheduler (DDIM as published, DPM-Solver++,
-DDPM), swappable with `Scheduler.from_config(pipe.scheduler.config)` or `make_sampling_scheduler`.
+DDPM), swappable with `Scheduler.from_config(pipe.scheduler.config)` or `set_sampler`.
 
-Two wastes of the public code are gone, with identical outputs (tests/test_pipeline.py proves it):
+The pipeline owns its sampling defaults: steps, guidance scale, guidance interval and the guidance ramp's power are
+its config (`register_to_config`, saved in `model_index.json`), and the saved scheduler is its sampler. So a bare
+`pipe(reference, pose)` and every front end sample a model with the settings it was shipped with; a call's keyword
+arguments override them for that call, and `sampling_settings` resolves and checks the result.
+
+Two wastes of the public code are gone, with identical outputs (tests/test_pipeline.py compares against
+`bench/public_schedule.py`):
 - the conditional and unconditional passes of classifier-free guidance run as one batched forward;
 - everything that depends only on the reference and the pose (encoder features, the reference latent, the
   aggregation vector y, the memory of reference attention) is computed once per image instead of once per step,
-  and the reference tokens are no longer pushed through every block at every step (only the training-only masked
-  pass uses them).
-`public_schedule=True` reproduces the public code's schedule of work, for benchmarks and equivalence tests.
-Beyond the paper, `guidance_interval=(lo, hi)` applies guidance only at timesteps in [lo, hi] (Kynkaenniemi et al.
-2024, "Applying Guidance in a Limited Interval"): elsewhere a step is one conditional pass, so it also saves work
-(except with `public_schedule=True`, which runs both passes at every step, as the public code does).
+  and the reference tokens are not pushed through every block at every step (only the training-only masked pass
+  uses them).
+Beyond the paper, a guidance interval (lo, hi) applies guidance only at timesteps in [lo, hi] (Kynkaenniemi et al.
+2024, "Applying Guidance in a Limited Interval"): elsewhere a step is one conditional pass, so it also saves work.
 Turning photos, paths, keypoint files and driving photos into the model's tensors is `xmdpt.inputs`'s job.
 """
 
@@ -29,13 +33,17 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils import BaseOutput
 
+# Imported here also because diffusers loads saved components only from modules already imported.
+from xmdpt.conditioning import encode_features
 from xmdpt.errors import InputError
-from xmdpt.guidance import check_guidance_interval
 from xmdpt.inputs import Fit, ImageInput, PoseInput, PoseReader, prepare_inputs
-from xmdpt.models.xmdpt import XMDPT
+from xmdpt.models.xmdpt import XMDPT, Conditions
 from xmdpt.pose.extract import PoseExtractor
+from xmdpt.schedulers import PublicDDIMScheduler
+from xmdpt.settings import SAMPLERS, SamplingSettings
 
-SAMPLERS = ("ddim", "dpmsolver++", "ddpm")
+# The pipeline's own sampling defaults: its config, saved in model_index.json.
+SAMPLING_DEFAULTS = ("num_inference_steps", "guidance_scale", "guidance_interval", "guidance_power")
 
 
 def make_sampling_scheduler(
@@ -47,6 +55,8 @@ def make_sampling_scheduler(
     or fixed; None keeps `train_config`'s, which a DDIM or DPM-Solver config no longer holds."""
     if name == "ddim":
         return DDIMScheduler.from_config(train_config, timestep_spacing="linspace", clip_sample=False)
+    if name == "ddim-public":  # the public code's respaced DDIM step for step (see xmdpt.schedulers)
+        return PublicDDIMScheduler.from_config(train_config, clip_sample=False)
     if name == "dpmsolver++":
         # variance_type is cleared: this pipeline hands the sampler only the C prediction channels.
         return DPMSolverMultistepScheduler.from_config(
@@ -76,10 +86,31 @@ class XMDPTPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | torch.Tensor
 
 
+def sampler_name(scheduler) -> str:
+    """The `SAMPLERS` name of a scheduler, or its class name for any other diffusers scheduler."""
+    names = {DDIMScheduler: "ddim", DPMSolverMultistepScheduler: "dpmsolver++", DDPMScheduler: "ddpm"}
+    names[PublicDDIMScheduler] = "ddim-public"
+    return names.get(type(scheduler), type(scheduler).__name__)
+
+
 class XMDPTPipeline(DiffusionPipeline):
+    """Re-pose a reference person: `pipe(reference, pose).images`. The keyword arguments after the components are the
+    sampling defaults, saved with the pipeline (see the module docstring)."""
+
     model_cpu_offload_seq = "reference_encoder->pose_encoder->codec->denoiser"
 
-    def __init__(self, denoiser: XMDPT, codec, pose_encoder, reference_encoder, scheduler):
+    def __init__(
+        self,
+        denoiser: XMDPT,
+        codec,
+        pose_encoder,
+        reference_encoder,
+        scheduler,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 2.0,
+        guidance_interval: list[float] | None = None,
+        guidance_power: float = 0.01,
+    ):
         super().__init__()
         self.register_modules(
             denoiser=denoiser,
@@ -88,6 +119,12 @@ class XMDPTPipeline(DiffusionPipeline):
             reference_encoder=reference_encoder,
             scheduler=scheduler,
         )
+        self.set_sampling_defaults(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            guidance_power=guidance_power,
+        )
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -95,6 +132,32 @@ class XMDPTPipeline(DiffusionPipeline):
         h, w = self.denoiser.config.sample_size
         return h * f, w * f
 
+    # ---- sampling settings -----------------------------------------------------------------------------------
+    def sampling_settings(self, **overrides) -> SamplingSettings:
+        """The pipeline's defaults with a call's overrides (None keeps the default), checked."""
+        unknown = set(overrides) - set(SAMPLING_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown sampling settings: {', '.join(sorted(unknown))}")
+        chosen = {k: self.config[k] for k in SAMPLING_DEFAULTS} | {k: v for k, v in overrides.items() if v is not None}
+        return SamplingSettings(sampler=sampler_name(self.scheduler), **chosen)
+
+    def set_sampling_defaults(self, **settings) -> None:
+        """Change the defaults that `save_pretrained` stores (any of `SAMPLING_DEFAULTS`; a guidance interval of
+        None guides every step), checked as `sampling_settings` checks them."""
+        unknown = set(settings) - set(SAMPLING_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown sampling settings: {', '.join(sorted(unknown))}")
+        merged = {k: self.config[k] for k in SAMPLING_DEFAULTS if k in self.config} | settings
+        values = SamplingSettings(sampler="", **merged).as_dict()
+        del values["sampler"]
+        self.register_to_config(**values)
+
+    def set_sampler(self, name: str) -> None:
+        """Swap the scheduler for one of `SAMPLERS` on the same training schedule ("ddpm" with this denoiser's
+        learned or fixed variance)."""
+        self.scheduler = make_sampling_scheduler(name, self.scheduler.config, self.denoiser.config.learn_sigma)
+
+    # ---- conditions: once per image --------------------------------------------------------------------------
     def seeded_latents(self, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Initial noise (B, C, h, w) on the CPU, item i drawn from its own generator seeded `seeds[i]`, so a batch
         gives each item the noise it gets alone. The generators come back advanced past it, for a stochastic sampler
@@ -104,34 +167,19 @@ class XMDPTPipeline(DiffusionPipeline):
         return torch.cat([torch.randn(shape, generator=g) for g in generators]), generators
 
     @torch.no_grad()
-    def encode_conditions(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything that depends only on the reference (B, 3, H, W) in [-1, 1] and the rendered target pose
-        (B, 3, H, W) in [0, 1]: computed once per image."""
-        reference_latent = self.codec.encode(reference_image)  # deterministic posterior mean
-        conditions = dict(
-            pose_features=self.pose_encoder(pose_image),  # (B, T_p, W_p)
-            reference_features=self.reference_encoder((reference_image + 1) / 2),  # (B, T_r, W_r)
-            reference_latent=reference_latent.to(self.denoiser.dtype),  # (B, C, h, w)
-        )
-        if self.denoiser.pose_embedder is not None:
-            conditions["pose_map"] = self.denoiser.pose_map(pose_image).to(self.denoiser.dtype)  # (B, 3 f^2, h, w)
-        if self.denoiser.config.reference_layers:
-            conditions["reference_memory"] = self.denoiser.reference_memory(
-                conditions["reference_latent"]
-            )  # (B, N, D)
-        return conditions
+    def encode_inputs(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> tuple:
+        """The frozen encoders' side: (pose features, reference features, reference latent (the posterior mean),
+        pose image or None) from the reference (B, 3, H, W) in [-1, 1] and the rendered pose (B, 3, H, W) in [0, 1]:
+        the arguments of `XMDPT.encode_conditions`."""
+        features = encode_features(self.pose_encoder, self.reference_encoder, reference_image, pose_image)
+        reference_latent = self.codec.encode(reference_image).to(self.denoiser.dtype)
+        pose = pose_image.to(self.denoiser.dtype) if self.denoiser.pose_embedder is not None else None
+        return (*features, reference_latent, pose)
 
-    def embed_condition(
-        self, conditions: dict[str, torch.Tensor], reference_tokens: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The aggregation vector y (B, D) from `encode_conditions`' output."""
-        keys = ("pose_features", "reference_features", "reference_latent")
-        return self.denoiser.embed_condition(*(conditions[k] for k in keys), reference_tokens=reference_tokens)
-
-    def set_sampler(self, name: str) -> None:
-        """Swap the scheduler for one of `SAMPLERS` on the same training schedule ("ddpm" with this denoiser's
-        learned or fixed variance)."""
-        self.scheduler = make_sampling_scheduler(name, self.scheduler.config, self.denoiser.config.learn_sigma)
+    @torch.no_grad()
+    def encode_conditions(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> Conditions:
+        """Everything that depends only on the reference and the target pose: computed once per image."""
+        return self.denoiser.encode_conditions(*self.encode_inputs(reference_image, pose_image))
 
     def _check_inputs(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> None:
         size = self.image_size
@@ -141,6 +189,7 @@ class XMDPTPipeline(DiffusionPipeline):
         if reference_image.shape[0] != pose_image.shape[0]:
             raise InputError(f"{reference_image.shape[0]} reference images but {pose_image.shape[0]} poses")
 
+    # ---- the sampling loop -----------------------------------------------------------------------------------
     def _sampler_input(self, output: torch.Tensor, channels: int) -> torch.Tensor:
         # DDPM's learned-range variance uses the v channels; the other samplers take the prediction alone.
         variance = self.scheduler.config.variance_type if isinstance(self.scheduler, DDPMScheduler) else None
@@ -156,112 +205,49 @@ class XMDPTPipeline(DiffusionPipeline):
         return output[:, :channels]
 
     def guided_prediction(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        condition: torch.Tensor,
-        guidance_scale: float,
-        power: float,
-        pose_map: torch.Tensor | None = None,
-        reference_memory: torch.Tensor | None = None,
+        self, latents: torch.Tensor, t: torch.Tensor, conditions: Conditions, guidance_scale: float, power: float
     ) -> torch.Tensor:
         """One batched forward for the conditional and unconditional halves (the unconditional model drops y and
         the reference memory; the pose map, when there is one, stays)."""
         B = latents.shape[0]
-        extra = dict(pose_map=pose_map, reference_memory=reference_memory)
         if guidance_scale == 1.0:
-            return self.denoiser(latents, t.expand(B), condition=condition, **extra)
-        extra = {k: None if v is None else torch.cat([v, v]) for k, v in extra.items()}
+            return self.denoiser(latents, t, conditions)
         drop = torch.arange(2 * B, device=latents.device) >= B  # the second half is unconditional
-        out = self.denoiser(
-            torch.cat([latents, latents]),
-            t.expand(2 * B),
-            condition=condition.repeat(2, 1),
-            drop_condition=drop,
-            **extra,
-        )
+        out = self.denoiser(torch.cat([latents, latents]), t, conditions.repeat(2), drop_condition=drop)
         cond, uncond = out.chunk(2)
         T = self.scheduler.config.num_train_timesteps
         return uncond + guidance_ramp(guidance_scale, t, T, power).to(out.dtype) * (cond - uncond)
 
-    def public_guided_prediction(
-        self, latents: torch.Tensor, t: torch.Tensor, conditions: dict[str, torch.Tensor], guidance_scale: float, power
-    ) -> torch.Tensor:
-        """The public code's schedule of work: two unbatched passes, each recomputing the aggregation vector and
-        pushing the reference tokens through every block. Same result, about twice the work."""
-        B, model = latents.shape[0], self.denoiser
-
-        def one_pass(drop: bool) -> torch.Tensor:
-            x = model.embed_target(latents, conditions.get("pose_map"))
-            ref = model.embed_latent(conditions["reference_latent"])
-            y = self.embed_condition(conditions, reference_tokens=ref) * (0.0 if drop else 1.0)
-            memory = model.reference_memory(conditions["reference_latent"])  # None without reference attention
-            gate = None if memory is None else memory.new_full((B, 1, 1), 0.0 if drop else 1.0)
-            c = model.t_embedder(t.expand(B)) + y
-            for i, block in enumerate(model.blocks):
-                if i == model.config.depth - model.config.decode_layers:
-                    x = x + model.decoder_pos_embed
-                x = block(x, c, None, memory, gate)
-                ref = block(ref, c)  # unused at inference, as in the public code
-            return model.unpatchify(model.final_layer(x, c))
-
-        uncond = one_pass(drop=True)
-        if guidance_scale == 1.0:
-            return one_pass(drop=False)
-        cond = one_pass(drop=False)
-        T = self.scheduler.config.num_train_timesteps
-        return uncond + guidance_ramp(guidance_scale, t, T, power).to(uncond.dtype) * (cond - uncond)
-
     @torch.no_grad()
     def denoise(
         self,
-        conditions: dict[str, torch.Tensor],
-        condition: torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 2.0,
-        guidance_power: float = 0.01,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        public_schedule: bool = False,
+        conditions: Conditions,
+        settings: SamplingSettings,
+        latents: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         progress: bool = True,
-        guidance_interval: tuple[float, float] | None = None,
     ) -> torch.Tensor:
-        """The sampling loop from noise to clean latents, given the per-image `conditions` (encoder features and
-        reference latent) and the aggregation vector `condition` (B, D) computed from them. With a
-        `guidance_interval` (lo, hi), steps at timesteps outside [lo, hi] run unguided (one conditional pass)."""
-        interval = check_guidance_interval(guidance_interval, self.scheduler.config.num_train_timesteps)
-        B, C = condition.shape[0], self.denoiser.config.in_channels
-        device = condition.device
-        if latents is None:
-            h, w = self.denoiser.config.sample_size
-            latents = torch.randn((B, C, h, w), generator=generator, device=generator.device if generator else None)
+        """The sampling loop from the initial noise `latents` (B, C, h, w) to clean latents; steps at timesteps
+        outside the guidance interval run unguided (one conditional pass)."""
+        C = self.denoiser.config.in_channels
+        device = conditions.y.device
         latents = latents.to(device=device, dtype=self.denoiser.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         # As diffusers' pipelines do: only the stochastic schedulers take a generator (UniPC's step() refuses one).
         step_kwargs = (
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
         # Which steps are guided, decided once from the schedule (no device sync per step).
+        interval = settings.guidance_interval
         scales = [
-            guidance_scale if interval is None or interval[0] <= t <= interval[1] else 1.0
+            settings.guidance_scale if interval is None or interval[0] <= t <= interval[1] else 1.0
             for t in self.scheduler.timesteps.tolist()
         ]
         timesteps = self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps
         for t, scale in zip(timesteps, scales, strict=True):
             model_input = self.scheduler.scale_model_input(latents, t)
-            if public_schedule:
-                out = self.public_guided_prediction(model_input, t, conditions, scale, guidance_power)
-            else:
-                out = self.guided_prediction(
-                    model_input,
-                    t,
-                    condition,
-                    scale,
-                    guidance_power,
-                    conditions.get("pose_map"),
-                    conditions.get("reference_memory"),
-                )
+            out = self.guided_prediction(model_input, t, conditions, scale, settings.guidance_power)
             latents = self.scheduler.step(self._sampler_input(out, C), t, latents, **step_kwargs).prev_sample
         return latents
 
@@ -270,17 +256,17 @@ class XMDPTPipeline(DiffusionPipeline):
         self,
         reference_image: ImageInput | Sequence[ImageInput],
         target_pose: PoseInput | Sequence[PoseInput],
-        num_inference_steps: int = 50,
-        guidance_scale: float = 2.0,
-        guidance_power: float = 0.01,
-        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_power: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
-        public_schedule: bool = False,
         progress: bool = True,
         fit: Fit = "pad",
         pose_extractor: PoseExtractor | None = None,
-        guidance_interval: tuple[float, float] | None = None,
     ) -> XMDPTPipelineOutput:
         """Generate the reference person in the target pose.
 
@@ -289,43 +275,66 @@ class XMDPTPipeline(DiffusionPipeline):
         keypoints found by MediaPipe), or the rendered skeleton (B, 3, H, W) in [0, 1]; or a list of them.
         Images and poses are brought to `self.image_size` by `fit` ("pad", "crop" or "stretch"), the pose in the same
         frame; tensors must already be at that size. One reference with several poses is used for each pose.
-        `pose_extractor` (a `PoseExtractor`, left open) saves opening MediaPipe per call for driving photos.
-        `guidance_interval` (lo, hi): guide only at timesteps in [lo, hi] (None: at every step, as published).
+        The sampling settings default to the pipeline's own (`self.config`); (0, 1000) as the guidance interval
+        guides every step. `seed`: an int seeds the whole batch's noise, a list one seed per image (each image then
+        is what it would be alone); or pass a `generator` and/or the initial `latents`. `pose_extractor` (a
+        `PoseExtractor`, left open) saves opening MediaPipe per call for driving photos.
         Returns PIL images, or with output_type="pt" a tensor (B, 3, H, W) in [-1, 1].
         """
         if output_type not in ("pil", "pt"):
             raise InputError(f"unknown output_type {output_type!r}; use 'pil' or 'pt'")
-        T = self.scheduler.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise InputError(f"num_inference_steps={num_inference_steps} must lie in [1, {T}] (the training schedule)")
-        if not math.isfinite(guidance_scale):
-            raise InputError(f"guidance_scale={guidance_scale} must be a finite number")
-        guidance_interval = check_guidance_interval(guidance_interval, T)
+        settings = self.sampling_settings(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            guidance_power=guidance_power,
+        )
         for name, value in (("reference_image", reference_image), ("target_pose", target_pose)):
             if isinstance(value, list | tuple) and not value:
                 raise InputError(f"{name} is an empty list: give at least one")
         with PoseReader(pose_extractor) as reader:
             reference_image, pose_image = prepare_inputs(reference_image, target_pose, self.image_size, fit, reader)
+        latents, generator = self._initial_noise(reference_image.shape[0], seed, generator, latents)
+        images = self.generate(reference_image, pose_image, settings, latents, generator, progress)
+        return XMDPTPipelineOutput(images=images if output_type == "pt" else to_pil(images))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        reference_image: torch.Tensor,
+        pose_image: torch.Tensor,
+        settings: SamplingSettings,
+        latents: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Tensors in, tensors out, with resolved settings: the reference (B, 3, H, W) in [-1, 1], the rendered pose
+        (B, 3, H, W) in [0, 1] and the initial noise (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        if settings.sampler != sampler_name(self.scheduler):
+            raise ValueError(
+                f"the settings are for the {settings.sampler} sampler, this pipeline has {self.scheduler}"
+            )
         device = self._execution_device
-        reference_image = reference_image.to(device)
-        pose_image = pose_image.to(device)
+        reference_image, pose_image = reference_image.to(device), pose_image.to(device)
         self._check_inputs(reference_image, pose_image)
         conditions = self.encode_conditions(reference_image, pose_image)
-        condition = self.embed_condition(conditions)  # (B, D), once per image
+        return self.codec.decode(self.denoise(conditions, settings, latents, generator, progress))
 
-        latents = self.denoise(
-            conditions,
-            condition,
-            num_inference_steps,
-            guidance_scale,
-            guidance_power,
-            generator,
-            latents,
-            public_schedule,
-            progress,
-            guidance_interval,
-        )
-        images = self.codec.decode(latents)
-        if output_type == "pt":
-            return XMDPTPipelineOutput(images=images)
-        return XMDPTPipelineOutput(images=to_pil(images))
+    def _initial_noise(self, batch: int, seed, generator, latents) -> tuple[torch.Tensor, object]:
+        if seed is not None:
+            if generator is not None:
+                raise InputError("give a seed or a generator, not both")
+            if isinstance(seed, int):
+                generator = torch.Generator().manual_seed(seed)
+            else:
+                if len(seed) != batch:
+                    raise InputError(f"{len(seed)} seeds for {batch} images")
+                noise, generator = self.seeded_latents(seed)
+                latents = noise if latents is None else latents
+        if latents is None:
+            shape = (batch, self.denoiser.config.in_channels, *self.denoiser.config.sample_size)
+            g = generator[0] if isinstance(generator, list) else generator
+            latents = torch.randn(shape, generator=generator, device=g.device if g is not None else None)
+        elif latents.shape[0] != batch:
+            raise InputError(f"latents hold {latents.shape[0]} images, the inputs {batch}")
+        return latents, generator

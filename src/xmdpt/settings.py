@@ -1,15 +1,21 @@
-"""Guidance options checked where no sampler is loaded (the CLI, `xmdpt_default.json`): kept apart from the
+"""Sampling settings, checked where no sampler is loaded (the CLI, the web page, evaluation): kept apart from the
 pipeline, which imports diffusers."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 from xmdpt.errors import InputError
 
+NUM_TRAIN_TIMESTEPS = 1000
+# The samplers `XMDPTPipeline.set_sampler` knows by name (any other diffusers scheduler swaps in by `from_config`).
+SAMPLERS = ("ddim", "ddim-public", "dpmsolver++", "ddpm")
+
 
 def check_guidance_interval(
-    interval: Sequence[float] | None, num_train_timesteps: int = 1000
+    interval: Sequence[float] | None, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
 ) -> tuple[float, float] | None:
     """`(lo, hi)` as floats with 0 <= lo <= hi <= T, or None (guidance at every step, as published)."""
     if interval is None:
@@ -23,3 +29,44 @@ def check_guidance_interval(
     if not 0 <= lo <= hi <= num_train_timesteps:
         raise InputError(f"guidance_interval=({lo:g}, {hi:g}) must satisfy 0 <= lo <= hi <= {num_train_timesteps}")
     return lo, hi
+
+
+def parse_guidance_interval(text: str) -> tuple[float, float]:
+    """The command line's spelling: "LO,HI" -> (lo, hi); "all" -> (0, T), which guides every step."""
+    if text.strip().lower() == "all":
+        return 0.0, float(NUM_TRAIN_TIMESTEPS)
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise InputError(f"--guidance-interval {text!r}: give two timesteps LO,HI (e.g. 200,800) or 'all'")
+    try:
+        return check_guidance_interval(values)
+    except InputError as err:
+        raise InputError(f"--guidance-interval {text!r}: {err}") from None
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything that decides how a pipeline samples, resolved from its config and a call's overrides; what
+    `generation.json` records."""
+
+    sampler: str  # the scheduler: "ddim", "dpmsolver++", "ddpm", or another diffusers class name
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_interval: tuple[float, float] | None  # guide only at timesteps in [lo, hi]; None: at every step
+    guidance_power: float  # the public code's power-cosine ramp of the guidance scale
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_inference_steps, bool) or not 1 <= self.num_inference_steps <= NUM_TRAIN_TIMESTEPS:
+            raise InputError(f"num_inference_steps={self.num_inference_steps} must lie in [1, {NUM_TRAIN_TIMESTEPS}]")
+        for name in ("guidance_scale", "guidance_power"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"{name}={getattr(self, name)} must be a finite number")
+        object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["guidance_interval"] = None if self.guidance_interval is None else list(self.guidance_interval)
+        return out

@@ -27,11 +27,24 @@ app.command("evaluate")(evaluate.evaluate)
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script. Usage errors exit with 2 (click's convention), and so does bad input."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Typer vendors click; its usage errors are not exported at the top level.
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app(args=argv, prog_name="xmdpt")
-    except SystemExit as done:  # click ends every run with SystemExit; success returns normally to callers
-        if done.code not in (0, None):
-            raise
+        # Not standalone: click's own usage errors (a value out of range, an unknown choice) become one line too,
+        # instead of a usage banner and a box.
+        code = app(args=argv, prog_name="xmdpt", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except NoArgsIsHelpError as err:
+        typer.echo(err.ctx.get_help() if err.ctx else str(err))
+        sys.exit(2)
+    except UsageError as err:
+        typer.echo(f"error: {err.format_message()}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
     except InputError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)

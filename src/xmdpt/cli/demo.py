@@ -14,35 +14,24 @@ def demo(
     model: Annotated[
         str | None, typer.Option(help="Pipeline folder with xmdpt_default.json; default: the embedded model.")
     ] = None,
-    num_pairs: Annotated[int, typer.Option(help="Held-out pairs to generate.")] = 8,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps; default: the model's.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the pair choice and of the sampler.")] = 0,
+    num_pairs: Annotated[int, typer.Option(min=1, max=256, help="Held-out pairs to generate.")] = 8,
+    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps; default: the model's.")] = None,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed of the pair choice and of the sampler.")] = 0,
     out: Annotated[Path, typer.Option(help="The grid image to write.")] = Path("xmdpt-demo.png"),
     device: Annotated[str | None, typer.Option(help="cpu, cuda...; default: cuda if present.")] = None,
 ) -> None:
     """Re-pose held-out synthetic people; write a grid (reference | target pose | generated | ground truth) and
     print SSIM, PSNR and the pose and pattern matches, and those of copying the reference image unchanged."""
     from xmdpt.cli.generate import check_output_path
-    from xmdpt.default_model import INFO_FILE, load_pipeline
+    from xmdpt.default_model import INFO_FILE, default_model_path, load_pipeline, synthetic_set
     from xmdpt.demo import run_demo
 
     check_output_path(out)
-    if steps is not None and steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
-    if seed < 0:
-        raise InputError(f"--seed must be >= 0, got {seed}")
-    pipe, info = load_pipeline(model, device)
-    if info.synth is None:
+    synth = synthetic_set(default_model_path() if model is None else model)
+    if synth is None:
         raise InputError(f"{model}: no {INFO_FILE} with the synthetic set it was trained on; the demo needs one")
-    result = run_demo(
-        pipe,
-        info.synth,
-        num_pairs=num_pairs,
-        num_inference_steps=info.num_inference_steps if steps is None else steps,
-        guidance_scale=info.guidance_scale,
-        seed=seed,
-        guidance_interval=info.guidance_interval,
-    )
+    pipe = load_pipeline(model, device)
+    result = run_demo(pipe, synth, pipe.sampling_settings(num_inference_steps=steps), num_pairs=num_pairs, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.grid.save(out)
     typer.echo(f"{'SSIM':>6} {'PSNR':>8}  held-out pair (reference -> target)")

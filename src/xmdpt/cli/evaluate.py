@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from xmdpt.cli.generate import Sampler
+
 
 class EvalLayout(str, Enum):
     deepfashion = "deepfashion"
@@ -28,14 +30,20 @@ def evaluate(
     size: Annotated[
         str | None, typer.Option(help="Evaluation size HxW: 256x176 or 512x352; default: the data set's.")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps; default: the model's (else 50).")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale; default: the model's (else 2.0).")] = None,
-    sampler: Annotated[str | None, typer.Option(help="ddim, dpmsolver++ or ddpm; default: the model's.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed; each pair's noise comes from (seed, its file name).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Pairs per forward pass (and per scoring batch).")] = 8,
+    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps; default: the model's.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale; default: the model's.")] = None,
+    guidance_interval: Annotated[
+        str | None,
+        typer.Option(help="Guide only at timesteps LO,HI (e.g. 200,800), or 'all'; default: the model's."),
+    ] = None,
+    sampler: Annotated[Sampler | None, typer.Option(help="The sampler; default: the model's.")] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**63 - 1, help="Seed; each pair's noise comes from (seed, its file name).")
+    ] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per forward pass (and per scoring batch).")] = 8,
     bf16: Annotated[bool, typer.Option(help="Sample under bf16 autocast, as the published models ran.")] = False,
-    limit: Annotated[int | None, typer.Option(help="Only the first N test pairs (a smoke run).")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader workers for reading images.")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N test pairs (a smoke run).")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader workers for reading images.")] = 0,
     generated: Annotated[
         Path | None, typer.Option(help="Score this folder of generated PNGs; skip generation.")
     ] = None,
@@ -68,6 +76,7 @@ def evaluate(
     from xmdpt.evaluation.protocol import parse_size
     from xmdpt.evaluation.run import EvalConfig
     from xmdpt.evaluation.run import evaluate as run_evaluation
+    from xmdpt.settings import parse_guidance_interval
 
     config = EvalConfig(
         data_root=data_root,
@@ -77,7 +86,8 @@ def evaluate(
         model=model,
         steps=steps,
         guidance=guidance,
-        sampler=sampler,
+        guidance_interval=None if guidance_interval is None else parse_guidance_interval(guidance_interval),
+        sampler=None if sampler is None else sampler.value,
         seed=seed,
         batch_size=batch_size,
         bf16=bf16,

@@ -15,15 +15,22 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from xmdpt.errors import InputError, require_file
+from xmdpt.settings import SAMPLERS
 
 log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+Sampler = Enum("Sampler", {name: name for name in SAMPLERS}, type=str)
+FitChoice = Enum("FitChoice", {name: name for name in ("pad", "crop", "stretch")}, type=str)
 
 
 @dataclass(frozen=True)
@@ -94,25 +101,6 @@ def read_pairs(csv_path: Path, out_dir: Path) -> tuple[list[PairLine], list[str]
     return lines, problems
 
 
-def parse_guidance_interval(text: str | None) -> tuple[float, float] | str | None:
-    """--guidance-interval: "LO,HI" -> (lo, hi), "all" -> "all" (guide at every step), None -> None (the model's)."""
-    from xmdpt.guidance import check_guidance_interval
-
-    if text is None or text.strip().lower() == "all":
-        return None if text is None else "all"
-    parts = text.split(",")
-    try:
-        values = [float(v) for v in parts]
-    except ValueError:
-        values = []
-    if len(values) != 2:
-        raise InputError(f"--guidance-interval {text!r}: give two timesteps LO,HI (e.g. 200,800) or 'all'")
-    try:
-        return check_guidance_interval(values)
-    except InputError as err:
-        raise InputError(f"--guidance-interval {text!r}: {err}") from None
-
-
 def generate(
     reference: Annotated[Path | None, typer.Option(help="Photo of the person (single mode).")] = None,
     pose: Annotated[
@@ -122,21 +110,20 @@ def generate(
     pairs: Annotated[Path | None, typer.Option(help="Batch mode: CSV with header reference,pose[,out].")] = None,
     out_dir: Annotated[Path | None, typer.Option(help="Batch mode: folder for the images.")] = None,
     model: Annotated[str | None, typer.Option(help="Pipeline folder or Hub id; default: the embedded model.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps; default: the model's (else 50).")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale; default: the model's (else 2.0).")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps; default: the model's.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale; default: the model's.")] = None,
     guidance_interval: Annotated[
         str | None,
-        typer.Option(help="Guide only at timesteps LO,HI (e.g. 200,800), or 'all'; default: the model's (else all)."),
+        typer.Option(help="Guide only at timesteps LO,HI (e.g. 200,800), or 'all'; default: the model's."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed (batch line i uses seed + i).")] = 0,
-    sampler: Annotated[str | None, typer.Option(help="ddim, dpmsolver++ or ddpm; default: the model's.")] = None,
-    fit: Annotated[str, typer.Option(help="Bring photos to the model's frame: pad, crop or stretch.")] = "pad",
-    batch_size: Annotated[int, typer.Option(help="Batch mode: pairs per forward pass.")] = 4,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Random seed (batch line i uses seed + i).")] = 0,
+    sampler: Annotated[Sampler | None, typer.Option(help="The sampler; default: the model's.")] = None,
+    fit: Annotated[FitChoice, typer.Option(help="Bring photos to the model's frame.")] = FitChoice.pad,
+    batch_size: Annotated[int, typer.Option(min=1, max=256, help="Batch mode: pairs per forward pass.")] = 4,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...; default: cuda if present.")] = None,
 ) -> None:
     """Generate the reference person in the target pose: --reference --pose --out, or --pairs --out-dir."""
-    from xmdpt.inputs import FITS
-    from xmdpt.pipeline import SAMPLERS
+    from xmdpt.settings import parse_guidance_interval
 
     single = reference is not None or pose is not None or out is not None
     if pairs is not None and single:
@@ -145,17 +132,9 @@ def generate(
         raise InputError("give --reference, --pose and --out (or --pairs and --out-dir for a batch)")
     if pairs is not None and out_dir is None:
         raise InputError("--pairs needs --out-dir")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if fit not in FITS:
-        raise InputError(f"unknown fit {fit!r}; use {', '.join(FITS)}")
-    if steps is not None and steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
     if guidance is not None and not math.isfinite(guidance):
         raise InputError(f"--guidance must be a finite number, got {guidance}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    interval = parse_guidance_interval(guidance_interval)
+    interval = None if guidance_interval is None else parse_guidance_interval(guidance_interval)
     if pairs is None:
         check_output_path(out)
         for path, what in ((reference, "reference image"), (pose, "pose file")):
@@ -165,108 +144,56 @@ def generate(
         check_output_folder(out_dir)
         lines, problems = read_pairs(pairs, out_dir)
 
-    runner = Runner.load(model, device, sampler, steps, guidance, interval, seed, fit)
-    if pairs is None:
-        runner.run([lines[0]], progress=True)
-        typer.echo(f"wrote {out}")
-        return
+    from tqdm.auto import tqdm
+
+    from xmdpt.default_model import load_pipeline
+    from xmdpt.generation import Job, generate_batches
+    from xmdpt.inputs import PoseReader
+
+    pipe = load_pipeline(model, device)
+    if sampler is not None:
+        pipe.set_sampler(sampler.value)
+    settings = pipe.sampling_settings(num_inference_steps=steps, guidance_scale=guidance, guidance_interval=interval)
     for message in problems:
         typer.echo(f"error: {message}", err=True)
-    failed = len(problems) + runner.run_batches(lines, batch_size)
+    failed = len(problems)
+    # One MediaPipe instance for the whole run, opened only if a driving photo appears.
+    with PoseReader() as reader:
+        jobs = [
+            Job(line.where, seed + line.index, partial(line_inputs, line, pipe.image_size, fit.value, reader))
+            for line in lines
+        ]
+        results = generate_batches(pipe, jobs, settings, batch_size=batch_size, progress=pairs is not None)
+        for line, result in zip(lines, results, strict=True):
+            message = result.error if result.error is not None else save_image(result.image, line.out)
+            if message is not None and pairs is None:  # single mode: the error is the command's
+                raise InputError(message)
+            if message is not None:
+                tqdm.write(f"error: {line.where}: {message}", file=sys.stderr)  # above the progress bar
+                failed += 1
+    if pairs is None:
+        typer.echo(f"wrote {out} ({pipe.image_size[1]}x{pipe.image_size[0]} pixels)")
+        return
     typer.echo(f"wrote {len(lines) + len(problems) - failed} images to {out_dir}; {failed} lines failed")
     if failed:
         raise typer.Exit(2)
 
 
-@dataclass
-class Runner:
-    """A loaded pipeline and the sampling settings of one command."""
+def line_inputs(line: PairLine, size: tuple[int, int], fit: str, reader):
+    """(reference, skeleton) tensors of one line; raises `InputError` for a bad one."""
+    from xmdpt.inputs import is_keypoint_file, prepare_inputs
 
-    pipe: object
-    steps: int
-    guidance: float
-    guidance_interval: tuple[float, float] | None
-    seed: int
-    fit: str
+    require_file(line.pose, "pose file" if is_keypoint_file(line.pose) else "pose file or driving photo")
+    return prepare_inputs(line.reference, line.pose, size, fit, reader)
 
-    @classmethod
-    def load(cls, model, device, sampler, steps, guidance, guidance_interval, seed, fit) -> Runner:
-        """`guidance_interval`: from `parse_guidance_interval`; None takes the model's."""
-        from xmdpt.default_model import load_pipeline
 
-        pipe, info = load_pipeline(model, device)
-        if sampler is not None:
-            pipe.set_sampler(sampler)
-        steps = info.num_inference_steps if steps is None else steps
-        guidance = info.guidance_scale if guidance is None else guidance
-        if guidance_interval is None:
-            guidance_interval = info.guidance_interval
-        elif guidance_interval == "all":
-            guidance_interval = None
-        return cls(pipe, steps, guidance, guidance_interval, seed, fit)
+def save_image(image, path: Path) -> str | None:
+    """Write one generated image (3, H, W) in [-1, 1]; the reason it could not be written, or None."""
+    from xmdpt.pipeline import to_pil
 
-    def prepare(self, line: PairLine, reader):
-        """(reference, skeleton) tensors of one line; raises `InputError` for a bad one."""
-        from xmdpt.inputs import is_keypoint_file, prepare_inputs
-
-        require_file(line.pose, "pose file" if is_keypoint_file(line.pose) else "pose file or driving photo")
-        return prepare_inputs(line.reference, line.pose, self.pipe.image_size, self.fit, reader)
-
-    def sample(self, lines: list[PairLine], references, poses, progress: bool) -> list[str]:
-        """Sample one batch; each line's initial noise comes from its own seed, so batching changes nothing. Return
-        one message per image that could not be written (single mode raises instead)."""
-        import torch
-
-        latents, _ = self.pipe.seeded_latents([self.seed + ln.index for ln in lines])
-        images = self.pipe(
-            torch.cat(references),
-            torch.cat(poses),
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance,
-            generator=torch.Generator().manual_seed(self.seed + lines[0].index),
-            latents=latents,
-            progress=progress,
-            guidance_interval=self.guidance_interval,
-        ).images
-        failures = []
-        for line, image in zip(lines, images, strict=True):
-            try:
-                line.out.parent.mkdir(parents=True, exist_ok=True)
-                image.save(line.out)
-            except OSError as err:
-                if not line.where:
-                    raise InputError(f"{line.out}: cannot write the image ({err.strerror or err})") from None
-                failures.append(f"{line.where}: cannot write {line.out} ({err.strerror or err})")
-        return failures
-
-    def run(self, lines: list[PairLine], progress: bool, reader=None) -> list[str]:
-        """Prepare and sample `lines` as one batch; return one message per line that failed (and was left out)."""
-        prepared, failures = [], []
-        for line in lines:
-            try:
-                prepared.append((line, *self.prepare(line, reader)))
-            except InputError as err:
-                if not line.where:  # single mode: the error is the command's
-                    raise
-                failures.append(f"{line.where}: {err}")
-        if prepared:
-            good, references, poses = (list(column) for column in zip(*prepared, strict=True))
-            failures += self.sample(good, references, poses, progress)
-        return failures
-
-    def run_batches(self, lines: list[PairLine], batch_size: int) -> int:
-        """Batch mode over all lines with a progress bar; bad lines are reported and counted."""
-        from tqdm.auto import tqdm
-
-        from xmdpt.inputs import PoseReader
-
-        failed = 0
-        # One MediaPipe instance for the whole file, opened only if a driving photo appears.
-        with PoseReader() as reader, tqdm(total=len(lines), desc="generate", unit="image") as bar:
-            for start in range(0, len(lines), batch_size):
-                batch = lines[start : start + batch_size]
-                for message in self.run(batch, progress=False, reader=reader):
-                    bar.write(f"error: {message}", file=sys.stderr)
-                    failed += 1
-                bar.update(len(batch))
-        return failed
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_pil(image[None])[0].save(path)
+    except OSError as err:
+        return f"{path}: cannot write the image ({err.strerror or err})"
+    return None

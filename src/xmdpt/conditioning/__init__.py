@@ -1,6 +1,6 @@
 """Conditioning encoders (images -> token features) and latent codecs (images <-> latents)."""
 
 from xmdpt.conditioning.codecs import PixelCodec, VAECodec
-from xmdpt.conditioning.encoders import DinoV2Encoder, LearnedImageEncoder
+from xmdpt.conditioning.encoders import DinoV2Encoder, LearnedImageEncoder, encode_features
 
-__all__ = ["DinoV2Encoder", "LearnedImageEncoder", "PixelCodec", "VAECodec"]
+__all__ = ["DinoV2Encoder", "LearnedImageEncoder", "PixelCodec", "VAECodec", "encode_features"]

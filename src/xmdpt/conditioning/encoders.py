@@ -145,11 +145,11 @@ class LearnedImageEncoder(ModelMixin, ConfigMixin):
     prepended, mirroring DINOv2's [cls, patches] layout, then a LayerNorm.
 
     contrast_input (beyond the paper): also feed the image's local contrast, |horizontal| and |vertical| neighbour
-    differences per colour (6 channels), through a convolution added to the first layer's output. Whether a garment
-    is striped, checked or plain is a phase-blind fact that a linear layer on pixels cannot see and that an MSE-
-    trained encoder has little reason to learn (a linear probe of the stage-2 embedded model's condition y, trained
-    without it, tells the three apart barely above chance). The convolution starts at zero, so adding it to a trained
-    encoder changes nothing until it trains.
+    differences per colour (6 channels), through a convolution added to the first layer's output. Why: whether a
+    garment is striped, checked or plain is a phase-blind fact that a linear layer on pixels cannot see and that an
+    MSE-trained encoder has little reason to learn, so the pattern has to be handed to it (docs/default-model.md,
+    "What the condition knows of the pattern", measures what the condition y knows). The convolution starts at zero,
+    so adding it to a trained encoder changes nothing until it trains.
     """
 
     @register_to_config
@@ -198,3 +198,15 @@ class LearnedImageEncoder(ModelMixin, ConfigMixin):
             x = self.stem[1:](x)  # (B, W, h, w)
         tokens = x.flatten(2).transpose(1, 2)  # (B, h * w, W)
         return self.norm(torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1))  # (B, 1 + h * w, W)
+
+
+def encode_features(
+    pose_encoder: torch.nn.Module,
+    reference_encoder: torch.nn.Module,
+    reference_image: torch.Tensor,
+    pose_image: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two encoders' token features: (pose (B, T_p, W_p), reference (B, T_r, W_r)) from the rendered target
+    pose (B, 3, H, W) in [0, 1] and the reference image (B, 3, H, W) in [-1, 1]. The one place that says which image
+    goes to which encoder in which range: sampling, training and the feature cache call it."""
+    return pose_encoder(pose_image), reference_encoder((reference_image + 1) / 2)

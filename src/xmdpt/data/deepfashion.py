@@ -82,7 +82,7 @@ class PairDataset(Dataset):
     fail_fast: bool = False
     max_pixels: int = MAX_PIXELS
     pairs: list[PairRecord] = field(default_factory=list, init=False, repr=False)
-    skipped: int = field(default=0, init=False)  # bad samples met so far (in this process)
+    skipped: int = field(default=0, init=False)  # bad samples met so far by this copy (each worker has one)
 
     def __post_init__(self) -> None:
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
@@ -103,7 +103,8 @@ class PairDataset(Dataset):
         for attempt in range(MAX_CONSECUTIVE_BAD):
             record = self.pairs[(index + attempt) % len(self.pairs)]
             try:
-                return self.make_item(record)
+                # The count travels with the item: DataLoader workers hold their own copies of `skipped`.
+                return self.make_item(record) | {"skipped": attempt}
             except InputError as err:
                 if self.fail_fast:
                     raise

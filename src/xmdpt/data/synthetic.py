@@ -54,7 +54,7 @@ class SynthConfig:
     test_fraction: float = 0.1  # share of identities held out for the test split
     masks: bool = True
     # Range of the stripe / check cell size, figure units (a figure is 0.78-0.9 of the image height): 1.25-3.5 px
-    # cells at 64x48, 5-14 px at 256x176. (0.08, 0.14) draws bold 4-8 px cells at 64x48 (see README).
+    # cells at 64x48, 5-14 px at 256x176. (0.08, 0.14) draws bold 4-8 px cells at 64x48 (see docs/data.md).
     pattern_cell: tuple[float, float] = (0.025, 0.06)
 
     def __post_init__(self) -> None:

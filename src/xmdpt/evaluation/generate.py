@@ -27,26 +27,24 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from xmdpt.data.deepfashion import CsvPairs, PairDataset, PidmPairs
 from xmdpt.data.images import find_image
 from xmdpt.data.names import inshop_to_flat
 from xmdpt.errors import InputError
 from xmdpt.evaluation.protocol import PROTOCOL_VERSION, format_size, model_output_to_uint8, save_png
+from xmdpt.generation import GENERATION_FILE, Job, generate_batches, write_generation_record
+from xmdpt.settings import SamplingSettings
 
 logger = logging.getLogger(__name__)
 
 #: Separator of the reference and target stems in a generated file name.
 NAME_SEPARATOR = "___"
-#: Settings file written beside the generated images.
-GENERATION_FILE = "generation.json"
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -156,9 +154,7 @@ class GenerationSettings:
     """What determines the generated images; recorded in generation.json and checked on resume."""
 
     model: str
-    sampler: str
-    steps: int
-    guidance: float
+    sampling: SamplingSettings  # sampler, steps, guidance scale, interval and power, as the pipeline resolved them
     seed: int
     image_size: tuple[int, int]  # evaluation size (height, width)
     model_size: tuple[int, int]  # the model's own resolution
@@ -166,9 +162,9 @@ class GenerationSettings:
     protocol: str = PROTOCOL_VERSION
 
     def as_dict(self) -> dict:
-        out = asdict(self)
-        out["image_size"], out["model_size"] = format_size(self.image_size), format_size(self.model_size)
-        return out
+        out = {"model": self.model, **self.sampling.as_dict(), "seed": self.seed}
+        out |= {"image_size": format_size(self.image_size), "model_size": format_size(self.model_size)}
+        return out | {"bf16": self.bf16, "protocol": self.protocol}
 
 
 @dataclass(frozen=True)
@@ -182,15 +178,6 @@ def pair_seed(seed: int, name: str) -> int:
     """A pair's own seed: 63 bits of sha256("<seed>:<file name>")."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def initial_latents(pipe, names: Sequence[str], seed: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """Initial noise (B, C, h, w) on the CPU and one CPU generator per pair, each seeded by `pair_seed`.
-
-    The generators are advanced past the initial noise, so a stochastic sampler's step noise continues each pair's
-    own stream (diffusers' `randn_tensor` takes a list of generators, one per batch element).
-    """
-    return pipe.seeded_latents([pair_seed(seed, name) for name in names])
 
 
 def generate_test_set(
@@ -233,40 +220,29 @@ def generate_test_set(
         len(share),
         len(share) - len(todo),
     )
-    loader = DataLoader(
-        _ModelInputs(eval_set.dataset, todo),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-    )
+    dataset = eval_set.dataset
+    jobs = [
+        Job(pair.name, pair_seed(settings.seed, pair.name), partial(_model_inputs, dataset, pair)) for pair in todo
+    ]
     autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16) if settings.bf16 else contextlib.nullcontext()
-    bar = tqdm(total=len(todo), desc=f"generate [{rank}]", unit="image", disable=not progress or rank != 0)
-    with bar, autocast:
-        for pairs, references, poses in loader:
-            images = _sample(pipe, pairs, references, poses, settings)
-            for pair, image in zip(pairs, model_output_to_uint8(images.float(), settings.image_size), strict=True):
-                write_png_atomic(image, out_dir / pair.name)
-            bar.update(len(pairs))
+    with autocast:
+        results = generate_batches(
+            pipe,
+            jobs,
+            settings.sampling,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress and rank == 0,
+            description=f"generate [{rank}]",
+        )
+        for result in results:
+            if result.error is not None:  # the protocol scores every test pair: a bad one stops the run
+                raise InputError(f"{result.job.name}: {result.error}")
+            image = model_output_to_uint8(result.image[None].float(), settings.image_size)[0]
+            write_png_atomic(image, out_dir / result.job.name)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return GenerationSummary(written=len(todo), skipped=len(share) - len(todo), share=len(share))
-
-
-def _sample(
-    pipe, pairs: list[EvalPair], references: torch.Tensor, poses: torch.Tensor, settings: GenerationSettings
-) -> torch.Tensor:
-    latents, generators = initial_latents(pipe, [pair.name for pair in pairs], settings.seed)
-    output = pipe(
-        references.to(pipe.device),
-        poses.to(pipe.device),
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        generator=generators,
-        latents=latents,
-        output_type="pt",
-        progress=False,
-    )
-    return output.images
 
 
 def write_png_atomic(image: torch.Tensor, path: Path) -> None:
@@ -305,27 +281,11 @@ def _claim_folder(out_dir: Path, settings: GenerationSettings, *, write: bool) -
             "wrote; use another --out-dir"
         )
     if write:
-        partial = record.with_name(record.name + PARTIAL_SUFFIX)
-        partial.write_text(json.dumps(wanted, indent=1) + "\n")
-        os.replace(partial, record)
+        write_generation_record(out_dir, wanted)
 
 
-class _ModelInputs(Dataset):
-    """The model inputs of the pairs to generate: (pair, reference (3, H, W) in [-1, 1], skeleton in [0, 1])."""
-
-    def __init__(self, dataset: PairDataset, pairs: Sequence[EvalPair]) -> None:
-        self.dataset, self.pairs = dataset, list(pairs)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, position: int) -> tuple[EvalPair, torch.Tensor, torch.Tensor]:
-        pair = self.pairs[position]
-        # make_item on the record itself: a bad pair raises here instead of being replaced by the next one.
-        item = self.dataset.make_item(self.dataset.pairs[pair.index])
-        return pair, item["reference_image"], item["target_pose"]
-
-
-def _collate(batch: Sequence[tuple[EvalPair, torch.Tensor, torch.Tensor]]) -> tuple:
-    pairs, references, poses = zip(*batch, strict=True)
-    return list(pairs), torch.stack(references), torch.stack(poses)
+def _model_inputs(dataset: PairDataset, pair: EvalPair) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference (1, 3, H, W) in [-1, 1], skeleton (1, 3, H, W) in [0, 1]) of one test pair; `make_item` on the
+    record itself, so that a bad pair raises instead of being replaced by the next one."""
+    item = dataset.make_item(dataset.pairs[pair.index])
+    return item["reference_image"][None], item["target_pose"][None]

@@ -7,8 +7,9 @@ Order of operations (this is what every metric in `xmdpt.evaluation` assumes):
   the evaluation size with bicubic, antialiased `torch.nn.functional.interpolate`, then multiplies by 255, clamps
   and quantises to uint8 by **truncation**. This is CFLD's `pose_transfer_test.py` line for line
   (`F.interpolate(..., mode="bicubic", antialias=True)`, `* 255`, `clamp(0, 255)`, `.to(torch.uint8)`). PIDM's
-  `utils/gen.py` also truncates (`(255 * x).astype(np.uint8)`), but before any resize (see the README section in
-  `xmdpt.evaluation`). The uint8 images are what the generation loop writes as PNG and what every metric scores.
+  `utils/gen.py` also truncates (`(255 * x).astype(np.uint8)`), but before any resize (see docs/evaluation.md, "How
+  our protocol maps onto PIDM's and CFLD's scripts"). The uint8 images are what the generation loop writes as PNG
+  and what every metric scores.
 * **Real images** (test targets and the FID training set) are read with PIL, converted to RGB and, if their size is
   not the evaluation size, resized with PIL bicubic (`Image.BICUBIC`, antialiased on downscale) to uint8, as CFLD's
   `transforms.Resize(size, BICUBIC)` on a PIL image does.

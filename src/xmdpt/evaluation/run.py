@@ -29,7 +29,7 @@ import torch
 
 from xmdpt.data.deepfashion import PidmPairs, deepfashion_csv, market1501
 from xmdpt.data.images import IMAGE_SUFFIXES, find_image
-from xmdpt.default_model import ModelInfo, resolve_device
+from xmdpt.default_model import resolve_device
 from xmdpt.errors import InputError
 from xmdpt.evaluation.fid import (
     FeatureExtractor,
@@ -68,6 +68,7 @@ class EvalConfig:
     model: str | None = None
     steps: int | None = None
     guidance: float | None = None
+    guidance_interval: tuple[float, float] | None = None  # (0, 1000) guides every step
     sampler: str | None = None
     seed: int = 0
     batch_size: int = 8
@@ -301,11 +302,6 @@ class Scorer:
 # ---------------------------------------------------------------------------------------------------- the command
 
 
-def sampler_name(scheduler) -> str:
-    names = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmsolver++", "DDPMScheduler": "ddpm"}
-    return names.get(type(scheduler).__name__, type(scheduler).__name__)
-
-
 @dataclass
 class Generation:
     """What the generation step did (None fields when an existing folder was scored)."""
@@ -321,14 +317,13 @@ def evaluate(
     config: EvalConfig,
     *,
     pipe=None,
-    model_info=None,
     lpips: LPIPSMetric | None = None,
     fid_extractors: Mapping[str, FeatureExtractor] | None = None,
     accelerator=None,
 ) -> EvalOutcome | None:
     """Generate (unless `config.generated`), score and report. Returns None on the non-main processes.
 
-    `pipe`/`model_info` (from `xmdpt.default_model.load_pipeline`), `lpips` and `fid_extractors` may be given
+    `pipe` (from `xmdpt.default_model.load_pipeline`), `lpips` and `fid_extractors` may be given
     directly (tests pass tiny networks); otherwise they are built from `config`.
     """
     from xmdpt.evaluation.report import write_report
@@ -352,7 +347,7 @@ def evaluate(
     device = accelerator.device if accelerator is not None else resolve_device(None)
     main_process = accelerator is None or accelerator.is_main_process
     if config.generated is None:
-        pipe, settings = _load_model(config, eval_size, pipe, model_info, accelerator)
+        pipe, settings = _load_model(config, eval_size, pipe, accelerator)
     scorer = Scorer.prepare(config, eval_size, device, lpips, fid_extractors) if main_process else None
     if config.generated is None:
         generation = _generate(config, eval_set, pipe, settings, accelerator)
@@ -368,16 +363,16 @@ def evaluate(
     return EvalOutcome(result=result, run_info=run_info, files=files)
 
 
-def _load_model(config: EvalConfig, eval_size, pipe, model_info, accelerator) -> tuple:
+def _load_model(config: EvalConfig, eval_size, pipe, accelerator) -> tuple:
     """The pipeline (loaded unless given) on the accelerator's device, and the generation settings."""
     if pipe is None:
         from xmdpt.default_model import load_pipeline
 
-        pipe, model_info = load_pipeline(config.model, accelerator.device)
+        pipe = load_pipeline(config.model, accelerator.device)
         model_label = _model_label(config.model)
     else:
         model_label = config.model or f"in-memory {type(pipe).__name__}"
-    return pipe, _generation_settings(config, pipe, model_info, eval_size, model_label)
+    return pipe, _generation_settings(config, pipe, eval_size, model_label)
 
 
 def _generate(config: EvalConfig, eval_set: EvalSet, pipe, settings: GenerationSettings, accelerator) -> Generation:
@@ -440,22 +435,16 @@ def _model_label(model: str | None) -> str:
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
-def _generation_settings(
-    config: EvalConfig, pipe, model_info, eval_size: tuple[int, int], model: str
-) -> GenerationSettings:
-
+def _generation_settings(config: EvalConfig, pipe, eval_size: tuple[int, int], model: str) -> GenerationSettings:
+    """The model's own sampling settings with the command's overrides."""
     if config.sampler is not None:
         pipe.set_sampler(config.sampler)
-    info = model_info or ModelInfo()  # an in-memory pipeline has none: the defaults every command uses
-    steps = config.steps if config.steps is not None else info.num_inference_steps
-    guidance = config.guidance if config.guidance is not None else info.guidance_scale
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
+    sampling = pipe.sampling_settings(
+        num_inference_steps=config.steps, guidance_scale=config.guidance, guidance_interval=config.guidance_interval
+    )
     return GenerationSettings(
         model=model,
-        sampler=sampler_name(pipe.scheduler),
-        steps=int(steps),
-        guidance=float(guidance),
+        sampling=sampling,
         seed=config.seed,
         image_size=tuple(eval_size),
         model_size=tuple(pipe.image_size),

@@ -1,8 +1,9 @@
 """Load the public X-MDPT checkpoints (`model{step}.pt`, `ema_0.9999_{step}.pt`: plain `torch.save(state_dict)`).
 
-Our module names are the public ones, so the state dict loads as it is; what the converter adds is reading the
-architecture off the tensor shapes, checking that the file is such a checkpoint, and writing a `save_pretrained`
-folder. The public models are square: a 256-token checkpoint is a 16x16 grid of a 32x32 latent (256x256 images).
+The public key names are flat (`mlp_dino_pose.*`, `sideblocks.*`); `XMDPT`'s load hook (`rename_legacy_keys`) maps them
+onto its modules, so the state dict loads as it is. What the converter adds is reading the architecture off the tensor
+shapes, checking that the file is such a checkpoint, and writing a `save_pretrained` folder. The public models are
+square: a 256-token checkpoint is a 16x16 grid of a 32x32 latent (256x256 images).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def load_public_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'no such file'}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:  # the file may be fine: say so rather than call it no checkpoint
+        raise InputError(f"{path}: cannot read the checkpoint: permission denied") from None
     except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({describe(err)})") from None
     # Some training scripts wrap the weights; accept the usual wrappers.
@@ -101,8 +104,11 @@ def convert_public_checkpoint(
 ) -> XMDPT:
     """Build our XMDPT from a public checkpoint, check it loads exactly, and optionally `save_pretrained` it."""
     state = load_public_state_dict(path)
-    config = config_from_state_dict(state, grid_size, decode_layers)
-    model = XMDPT(**config)
+    try:  # every error names the checkpoint once, these as the others
+        config = config_from_state_dict(state, grid_size, decode_layers)
+        model = XMDPT(**config)
+    except ValueError as err:  # a grid or decode_layers that does not fit this checkpoint's model
+        raise InputError(f"{path}: {err}") from None
     ours = model.state_dict()
     # The index buffers are derived from the grid; a mismatch means the grid (or the file) is wrong.
     for key, value in state.items():

@@ -1,15 +1,17 @@
 """X-MDPT: the cross-view masked diffusion transformer (Pham et al., ICML 2024).
 
-Reads top-down like DiT's `models.py`: helpers, embedders, attention, blocks, final layer, the model, presets.
-Module and parameter names follow the public code so that its checkpoints load with `strict=True`
-(see `xmdpt.models.convert`). Unlike the public code, nothing assumes a square token grid: every table is built
-for the configured (height, width) grid, so 32x32 (stretched 256x256), 32x22 (native 256x176) and 64x44 (512x352)
-latents all work.
+Reads top-down like DiT's `models.py`: helpers, embedders, attention, blocks, final layer, the paper's two modules
+(`AggregationNetwork`, `SideInterpolater`), the additions beyond the paper, the model, presets. Inside those modules,
+parameter names are the public code's, and `rename_legacy_keys` maps the public checkpoints' flat names onto this
+layout when they load (see `xmdpt.models.convert`). Unlike the public code, nothing assumes a square token grid:
+every table is built for the configured (height, width) grid, so 32x32 (stretched 256x256), 32x22 (native 256x176)
+and 64x44 (512x352) latents all work.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -216,22 +218,6 @@ class Mlp(nn.Module):
 #################################################################################
 
 
-class ReferenceBlock(nn.Module):
-    """A plain pre-norm ViT block over the reference tokens (reference attention's memory encoder): it sees neither
-    the timestep nor the target, so a sampler runs it once per image."""
-
-    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int], mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, grid_size)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.mlp = Mlp(hidden_size, mlp_ratio)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))  # (B, N, D)
-
-
 class XMDPTBlock(nn.Module):
     """DiT block with adaLN-Zero conditioning; attention optionally on a subset of tokens (kept indices).
 
@@ -295,6 +281,133 @@ class XMDPTCrossBlock(nn.Module):
         return x  # (B, N, D)
 
 
+class FinalLayer(nn.Module):
+    """LayerNorm, adaLN (shift, scale), Linear to p * p * out_channels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p * p * C_out)
+
+
+#################################################################################
+#                  The paper's modules: aggregation, side-interpolater          #
+#################################################################################
+
+
+class AggregationNetwork(nn.Module):
+    """Paper Sec. 3.2: folds the target pose, the reference's global features and its local latent tokens into one
+    vector, y = mlp_final(v_P + v_G + v_L). Each branch is reduced to one vector by its own token mixer; the pose and
+    global branches first project the frozen DINOv2 features to the model width."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_tokens: int,
+        pose_feature_dim: int,
+        pose_num_tokens: int,
+        reference_feature_dim: int,
+        reference_num_tokens: int,
+    ):
+        super().__init__()
+        D = hidden_size
+        self.mlp_dino_pose = feature_projection(pose_feature_dim, D)
+        self.mlp_dino_img = feature_projection(reference_feature_dim, D)
+        self.conv1d_pose = token_mixer(pose_num_tokens, D)
+        self.conv1d_global = token_mixer(reference_num_tokens, D)
+        self.conv1d_local = token_mixer(num_tokens, D)
+        self.mlp_final = feature_projection(D, D)
+
+    def forward(
+        self, pose_features: torch.Tensor, reference_features: torch.Tensor, reference_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        v_pose = self.conv1d_pose(self.mlp_dino_pose(pose_features))  # (B, 1, D)
+        v_global = self.conv1d_global(self.mlp_dino_img(reference_features))  # (B, 1, D)
+        v_local = self.conv1d_local(reference_tokens)  # (B, 1, D)
+        # squeeze(1), not squeeze(): the public code's squeeze() breaks batch size 1.
+        return self.mlp_final((v_pose + v_global + v_local).squeeze(1))  # (B, D)
+
+
+class SideInterpolater(nn.Module):
+    """Paper Sec. 3.3 (mask cross-prediction, training only): the masked pass runs the first depth - decode_layers
+    blocks on the kept tokens; this module puts them back in place, fills the dropped positions with the mask token,
+    runs one self-attention block and one cross-attention block to the reference tokens, and keeps the result only
+    where tokens were dropped (the masked shortcut)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int], mlp_ratio: float):
+        super().__init__()
+        self.num_tokens = grid_size[0] * grid_size[1]
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.sideblocks = nn.ModuleList([XMDPTBlock(hidden_size, num_heads, grid_size, mlp_ratio)])
+        self.sideblocks_cross = nn.ModuleList([XMDPTCrossBlock(hidden_size, num_heads, grid_size, mlp_ratio)])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        ids_keep: torch.Tensor,
+        context: torch.Tensor,
+        decoder_pos_embed: torch.Tensor,
+    ) -> torch.Tensor:
+        B, _, D = x.shape
+        full = self.mask_token.to(x.dtype).expand(B, self.num_tokens, D).clone()
+        full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), x)  # unshuffle: (B, N, D)
+        dropped = torch.ones(B, self.num_tokens, 1, device=x.device, dtype=x.dtype)
+        dropped = dropped.scatter(1, ids_keep.unsqueeze(-1), 0.0)  # 1 where the token was masked
+        x_before = full + decoder_pos_embed
+        x = x_before
+        for block in self.sideblocks:
+            x = block(x, c)
+        for block in self.sideblocks_cross:
+            x = block(x, c, context)
+        return dropped * x + (1 - dropped) * x_before  # (B, N, D)
+
+
+#################################################################################
+#                  Additions beyond the paper (each off by default)             #
+#################################################################################
+
+
+class ReferenceBlock(nn.Module):
+    """A plain pre-norm ViT block over the reference tokens (reference attention's memory encoder): it sees neither
+    the timestep nor the target, so a sampler runs it once per image."""
+
+    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int], mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, grid_size)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))  # (B, N, D)
+
+
+class ReferenceMemory(nn.Module):
+    """Reference attention's memory: the reference tokens through a few plain ViT blocks, then a LayerNorm. Every
+    denoiser block cross-attends to it (`XMDPTBlock(cross_attention=True)`), so that fine detail such as a garment's
+    pattern need not pass through the one vector y. Depends only on the reference: computed once per image."""
+
+    def __init__(self, hidden_size: int, num_heads: int, grid_size: tuple[int, int], mlp_ratio: float, depth: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [ReferenceBlock(hidden_size, num_heads, grid_size, mlp_ratio) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+
+    def forward(self, reference_tokens: torch.Tensor) -> torch.Tensor:
+        x = reference_tokens
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)  # (B, N, D)
+
+
 class Refiner(nn.Module):
     """A small convolutional head on the latent grid (beyond the paper): from the unpatchified prediction and the
     noisy input x_t, two 3x3 convolutions, the first modulated by c (FiLM: the timestep says how far to trust x_t),
@@ -317,38 +430,42 @@ class Refiner(nn.Module):
         return torch.cat([refined, prediction[:, C:]], dim=1)  # the variance channels pass unchanged
 
 
-class FinalLayer(nn.Module):
-    """LayerNorm, adaLN (shift, scale), Linear to p * p * out_channels."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p * p * C_out)
-
-
 #################################################################################
 #                                  The model                                    #
 #################################################################################
 
 
+@dataclass
+class Conditions:
+    """Everything the denoiser needs besides (x_t, t), from `XMDPT.encode_conditions`: it depends only on the
+    reference and the target pose, so a sampler computes it once per image and training once per step."""
+
+    y: torch.Tensor  # (B, D) the aggregation network's vector
+    reference_tokens: torch.Tensor  # (B, N, D) the embedded reference latent (the side-interpolater's context)
+    reference_memory: torch.Tensor | None = None  # (B, N, D) reference attention's memory
+    pose_map: torch.Tensor | None = None  # (B, pose_map_channels, h, w) the rendered pose on the latent grid
+
+    def map(self, fn) -> Conditions:
+        return Conditions(*(None if v is None else fn(v) for v in vars(self).values()))
+
+    def __getitem__(self, index) -> Conditions:
+        return self.map(lambda v: v[index])
+
+    def repeat(self, n: int) -> Conditions:
+        """The batch n times over (classifier-free guidance runs the conditional and unconditional halves at once)."""
+        return self.map(lambda v: torch.cat([v] * n))
+
+
 class XMDPT(ModelMixin, ConfigMixin):
     """The X-MDPT denoiser: maps (x_t, t, conditions) to the noise prediction and the variance interpolation v.
 
-    Conditions enter as one vector y from the aggregation network (`embed_condition`): the target pose features,
-    the reference image's global features and its local latent tokens, each reduced to one vector, summed and
-    projected. `forward` accepts y precomputed (`condition=`) so that a sampler computes it once per image.
-    Passing `ids_keep` runs the training-only masked pass (mask cross-prediction, paper Sec. 3.3).
+    `encode_conditions` runs the aggregation network once per image; `forward` takes its `Conditions`. Passing
+    `ids_keep` runs the training-only masked pass (mask cross-prediction, paper Sec. 3.3).
 
-    Three additions beyond the paper, all off by default (then the model is the paper's, and public checkpoints load):
-    `pose_map_channels` adds the rendered target pose to the noisy tokens; `reference_layers` > 0 encodes the
-    reference latent's tokens with that many plain ViT blocks into a memory that every block cross-attends to
-    ("reference attention"), so that fine detail such as a garment's pattern need not pass through the one vector y;
-    `refine_channels` > 0 ends the model in a small convolutional head that sees x_t (`Refiner`).
+    Three additions beyond the paper, each off by default (then the model is the paper's, and public checkpoints
+    load), each with one hook: `pose_map_channels` > 0 adds the rendered target pose to the noisy tokens
+    (`pose_embedder`); `reference_layers` > 0 builds `reference_memory`, which every block cross-attends to;
+    `refine_channels` > 0 ends the model in a small convolutional head that sees x_t (`refiner`).
     """
 
     _supports_gradient_checkpointing = False
@@ -378,7 +495,9 @@ class XMDPT(ModelMixin, ConfigMixin):
         latent_h, latent_w = sample_size
         if latent_h % patch_size or latent_w % patch_size:
             raise ValueError(f"latent size {latent_h}x{latent_w} is not divisible by the patch size {patch_size}")
-        if pose_map_channels % 3:
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        if pose_map_channels < 0 or pose_map_channels % 3:
             raise ValueError(f"pose_map_channels={pose_map_channels} must be 3 x (image size / latent size)^2")
         if refine_channels < 0:
             raise ValueError(f"refine_channels={refine_channels} must be >= 0 (0: no refiner)")
@@ -391,37 +510,27 @@ class XMDPT(ModelMixin, ConfigMixin):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         grid, D = self.grid_size, hidden_size
 
+        # Registered in the order the earlier flat layout registered its parameters, so that optimizer states
+        # (which name parameters by their position) of runs saved before still line up. Beyond the paper: the pose
+        # map embedder, reference attention's memory and the refiner (None when off).
+        cross = reference_layers > 0
         self.x_embedder = PatchEmbed(patch_size, in_channels, D)
-        # Beyond the paper (off by default): the rendered target pose, pixel-unshuffled to the latent grid, embedded
-        # and added to the noisy tokens, so that small models need not decode where limbs go from the vector y.
         self.pose_embedder = PatchEmbed(patch_size, pose_map_channels, D) if pose_map_channels else None
         self.t_embedder = TimestepEmbedder(D)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D))
-        cross = reference_layers > 0
         self.blocks = nn.ModuleList([XMDPTBlock(D, num_heads, grid, mlp_ratio, cross) for _ in range(depth)])
-        if cross:  # reference attention's memory encoder (beyond the paper)
-            self.reference_blocks = nn.ModuleList(
-                [ReferenceBlock(D, num_heads, grid, mlp_ratio) for _ in range(reference_layers)]
-            )
-            self.reference_norm = nn.LayerNorm(D, eps=1e-6)
-        if side_interpolater:
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
-            self.sideblocks = nn.ModuleList([XMDPTBlock(D, num_heads, grid, mlp_ratio)])
-            self.sideblocks_cross = nn.ModuleList([XMDPTCrossBlock(D, num_heads, grid, mlp_ratio)])
+        self.reference_memory = ReferenceMemory(D, num_heads, grid, mlp_ratio, reference_layers) if cross else None
+        self.interpolater = SideInterpolater(D, num_heads, grid, mlp_ratio) if side_interpolater else None
         self.final_layer = FinalLayer(D, patch_size, self.out_channels)
-        if refine_channels:  # beyond the paper: a convolutional head that sees x_t (see Refiner)
-            self.refiner = Refiner(in_channels, self.out_channels, D, refine_channels)
-
-        # Aggregation network (paper Sec. 3.2): pose (v_P), global (v_G) and local (v_L) branches -> y.
-        self.mlp_dino_pose = feature_projection(pose_feature_dim, D)
-        self.mlp_dino_img = feature_projection(reference_feature_dim, D)
-        self.conv1d_pose = token_mixer(pose_num_tokens, D)
-        self.conv1d_global = token_mixer(reference_num_tokens, D)
-        self.conv1d_local = token_mixer(self.num_tokens, D)
-        self.mlp_final = feature_projection(D, D)
+        self.refiner = Refiner(in_channels, self.out_channels, D, refine_channels) if refine_channels else None
+        self.aggregation = AggregationNetwork(
+            D, self.num_tokens, pose_feature_dim, pose_num_tokens, reference_feature_dim, reference_num_tokens
+        )
 
         self.initialize_weights()
+        # Folders and checkpoints saved before the paper's modules were classes name their tensors the public way.
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys_hook)
 
     def initialize_weights(self) -> None:
         """The public code's initialisation (reference Sec. 2), written out."""
@@ -451,48 +560,45 @@ class XMDPT(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
-        if self.config.refine_channels:  # the refiner starts as the identity on the prediction
+        if self.refiner is not None:  # the refiner starts as the identity on the prediction
             nn.init.zeros_(self.refiner.conv_out.weight)
             nn.init.zeros_(self.refiner.conv_out.bias)
             nn.init.zeros_(self.refiner.modulation[-1].weight)
             nn.init.zeros_(self.refiner.modulation[-1].bias)
         # Reference attention starts switched off (zero output projection), like adaLN-Zero's gates.
-        for block in self.blocks if self.config.reference_layers else []:
+        for block in self.blocks if self.reference_memory is not None else []:
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
-        if self.config.side_interpolater:
-            nn.init.normal_(self.mask_token, std=0.02)
-        for layer in (self.mlp_dino_pose, self.mlp_dino_img, self.mlp_final):
+        if self.interpolater is not None:
+            nn.init.normal_(self.interpolater.mask_token, std=0.02)
+        agg = self.aggregation
+        for layer in (agg.mlp_dino_pose, agg.mlp_dino_img, agg.mlp_final):
             nn.init.normal_(layer[0].weight, std=0.02)
-        for layer in (self.conv1d_pose, self.conv1d_global, self.conv1d_local):
+        for layer in (agg.conv1d_pose, agg.conv1d_global, agg.conv1d_local):
             nn.init.normal_(layer[0].weight, std=0.02)
 
     def adaln_blocks(self) -> list[nn.Module]:
         blocks = list(self.blocks)
-        if self.config.side_interpolater:
-            blocks += list(self.sideblocks) + list(self.sideblocks_cross)
+        if self.interpolater is not None:
+            blocks += list(self.interpolater.sideblocks) + list(self.interpolater.sideblocks_cross)
         return blocks
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False, inference: bool = False):
         """Parameter count; `inference=True` leaves out the training-only side blocks (as the README's 33.5M)."""
         count = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
-        if inference and self.config.side_interpolater:
-            count -= sum(p.numel() for m in (self.sideblocks, self.sideblocks_cross) for p in m.parameters())
+        if inference and self.interpolater is not None:  # the published count keeps the mask token
+            count -= sum(
+                p.numel()
+                for m in (self.interpolater.sideblocks, self.interpolater.sideblocks_cross)
+                for p in m.parameters()
+            )
         return count
 
-    # ----------------------------------------------------------------------------------------------------------
+    # ---- conditions: once per image --------------------------------------------------------------------------
 
     def embed_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Latent (B, C, H, W) -> position-embedded tokens (B, N, D); shared by the noisy target and the reference."""
         return self.x_embedder(latent) + self.pos_embed
-
-    def embed_target(self, sample: torch.Tensor, pose_map: torch.Tensor | None = None) -> torch.Tensor:
-        """The noisy target (B, C, H, W) -> tokens (B, N, D), plus the pose map's tokens for models built with one."""
-        if (pose_map is None) != (self.pose_embedder is None):
-            need = "needs" if self.pose_embedder is not None else "was built without"
-            raise ValueError(f"this model {need} a pose_map (pose_map_channels={self.config.pose_map_channels})")
-        x = self.embed_latent(sample)  # (B, N, D)
-        return x if pose_map is None else x + self.pose_embedder(pose_map)
 
     def pose_map(self, pose_image: torch.Tensor) -> torch.Tensor:
         """The rendered target pose (B, 3, H, W) in [0, 1] -> (B, pose_map_channels, h, w) on the latent grid, by
@@ -506,6 +612,74 @@ class XMDPT(ModelMixin, ConfigMixin):
             )
         return F.pixel_unshuffle(pose_image * 2 - 1, factor)
 
+    def encode_conditions(
+        self,
+        pose_features: torch.Tensor,
+        reference_features: torch.Tensor,
+        reference_latent: torch.Tensor,
+        pose_image: torch.Tensor | None = None,
+    ) -> Conditions:
+        """The per-image conditions from the encoders' features (B, T, W), the reference latent (B, C, H, W) and,
+        for a model with a pose map, the rendered target pose (B, 3, H', W') in [0, 1]."""
+        if (pose_image is None) != (self.pose_embedder is None):
+            need = "needs" if self.pose_embedder is not None else "was built without"
+            raise ValueError(f"this model {need} a pose image (pose_map_channels={self.config.pose_map_channels})")
+        reference_tokens = self.embed_latent(reference_latent)  # (B, N, D)
+        return Conditions(
+            y=self.aggregation(pose_features, reference_features, reference_tokens),  # (B, D)
+            reference_tokens=reference_tokens,
+            reference_memory=None if self.reference_memory is None else self.reference_memory(reference_tokens),
+            pose_map=None if pose_image is None else self.pose_map(pose_image).to(reference_tokens.dtype),
+        )
+
+    # ---- the denoiser ----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        conditions: Conditions,
+        drop_condition: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict (B, out_channels, H, W) from the noisy latent `sample` (B, C, H, W) at `timestep` (B,) or ().
+
+        drop_condition: (B,) bool, True where y and the reference memory are dropped: the unconditional model of
+            classifier-free guidance (the pose map stays, as in PIDM). The objective draws it (p = 0.1).
+        ids_keep: (B, K) kept token indices from `random_masking`: the masked pass of training.
+        """
+        x = self.embed_latent(sample)  # (B, N, D)
+        if self.pose_embedder is not None:
+            x = x + self.pose_embedder(conditions.pose_map)  # (B, N, D)
+        y, memory, gate = conditions.y, conditions.reference_memory, None
+        if drop_condition is not None:
+            keep = (~drop_condition).to(y.dtype)  # (B,)
+            y, gate = y * keep[:, None], keep.view(-1, 1, 1)
+        c = self.t_embedder(timestep.expand(sample.shape[0])) + y  # (B, D)
+        split, masked = self.config.depth - self.config.decode_layers, ids_keep is not None
+        if masked:  # mask cross-prediction: the first `split` blocks see the kept tokens only
+            x = gather_tokens(x, ids_keep)  # (B, K, D)
+            context = self.reference_context(conditions.reference_tokens, c)  # (B, N, D)
+        for i, block in enumerate(self.blocks):
+            if i == split and masked:
+                x = self.interpolater(x, c, ids_keep, context, self.decoder_pos_embed)  # (B, N, D)
+            elif i == split:
+                x = x + self.decoder_pos_embed
+            x = block(x, c, ids_keep if masked and i < split else None, memory, gate)  # (B, K or N, D)
+        x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
+        return x if self.refiner is None else self.refiner(x, sample, c)  # (B, C_out, H, W)
+
+    @torch.no_grad()
+    def reference_context(self, reference_tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The reference tokens after the first depth - decode_layers blocks, without gradient (as published): the
+        keys and values of the side-interpolater's cross-attention. Only the masked pass needs them."""
+        if self.interpolater is None:
+            raise ValueError("the masked pass needs a model built with side_interpolater=True")
+        x = reference_tokens
+        for block in self.blocks[: self.config.depth - self.config.decode_layers]:
+            x = block(x, c)
+        return x.detach()  # (B, N, D)
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p * p * C) -> (B, C, H, W) for the configured, possibly non-square, grid."""
         p, c = self.config.patch_size, self.out_channels
@@ -514,127 +688,45 @@ class XMDPT(ModelMixin, ConfigMixin):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
 
-    def embed_condition(
-        self,
-        pose_features: torch.Tensor,
-        reference_features: torch.Tensor,
-        reference_latent: torch.Tensor,
-        reference_tokens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The aggregation network: y = mlp_final(v_P + v_G + v_L), shape (B, D). Depends only on the reference and
-        the target pose, so samplers call it once per image."""
-        v_pose = self.conv1d_pose(self.mlp_dino_pose(pose_features))  # (B, 1, D)
-        v_global = self.conv1d_global(self.mlp_dino_img(reference_features))  # (B, 1, D)
-        if reference_tokens is None:
-            reference_tokens = self.embed_latent(reference_latent)  # (B, N, D)
-        v_local = self.conv1d_local(reference_tokens)  # (B, 1, D)
-        # squeeze(1), not squeeze(): the public code's squeeze() breaks batch size 1.
-        return self.mlp_final((v_pose + v_global + v_local).squeeze(1))  # (B, D)
+    def _fix_state_dict_keys_on_load(self, state_dict: dict) -> None:
+        """diffusers' `from_pretrained` hook (it bypasses `load_state_dict`'s pre-hooks): rename legacy keys."""
+        rename_legacy_keys(state_dict)
+        super()._fix_state_dict_keys_on_load(state_dict)
 
-    def reference_memory(
-        self, reference_latent: torch.Tensor, reference_tokens: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """Reference attention's memory (B, N, D): the reference tokens through the reference blocks. Depends only on
-        the reference, so samplers compute it once per image. None for models without reference attention."""
-        if not self.config.reference_layers:
-            return None
-        x = self.embed_latent(reference_latent) if reference_tokens is None else reference_tokens  # (B, N, D)
-        for block in self.reference_blocks:
-            x = block(x)
-        return self.reference_norm(x)  # (B, N, D)
 
-    def side_interpolate(
-        self, x: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor, context: torch.Tensor
-    ) -> torch.Tensor:
-        """The side-interpolater: fill dropped positions with the mask token, add the decoder positions, one
-        self-attention block, one cross-attention block to the reference tokens, then the masked shortcut that keeps
-        the interpolation only where tokens were dropped."""
-        B, _, D = x.shape
-        full = self.mask_token.to(x.dtype).expand(B, self.num_tokens, D).clone()
-        full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), x)  # unshuffle: (B, N, D)
-        dropped = torch.ones(B, self.num_tokens, 1, device=x.device, dtype=x.dtype)
-        dropped = dropped.scatter(1, ids_keep.unsqueeze(-1), 0.0)  # 1 where the token was masked
-        x_before = full + self.decoder_pos_embed
-        x = x_before
-        for block in self.sideblocks:
-            x = block(x, c)
-        for block in self.sideblocks_cross:
-            x = block(x, c, context)
-        return dropped * x + (1 - dropped) * x_before  # (B, N, D)
+#################################################################################
+#                      Public and earlier checkpoint key names                  #
+#################################################################################
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        pose_features: torch.Tensor | None = None,
-        reference_features: torch.Tensor | None = None,
-        reference_latent: torch.Tensor | None = None,
-        *,
-        condition: torch.Tensor | None = None,
-        drop_condition: torch.Tensor | None = None,
-        ids_keep: torch.Tensor | None = None,
-        pose_map: torch.Tensor | None = None,
-        reference_memory: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Predict (B, out_channels, H, W) from the noisy latent `sample` (B, C, H, W) at `timestep` (B,).
+# The public code (and this package before the paper's modules became classes) kept the aggregation network, the
+# side-interpolater and reference attention's memory encoder as loose attributes of the model.
+LEGACY_PREFIXES = {
+    **{f"{name}.": f"aggregation.{name}." for name in (
+        "mlp_dino_pose", "mlp_dino_img", "conv1d_pose", "conv1d_global", "conv1d_local", "mlp_final"
+    )},
+    "mask_token": "interpolater.mask_token",
+    "sideblocks.": "interpolater.sideblocks.",
+    "sideblocks_cross.": "interpolater.sideblocks_cross.",
+    "reference_blocks.": "reference_memory.blocks.",
+    "reference_norm.": "reference_memory.norm.",
+}  # fmt: skip
 
-        condition: y from `embed_condition`; when None it is computed from the three feature inputs.
-        drop_condition: (B,) bool, True where y is zeroed: the unconditional model c = t_emb of classifier-free
-            guidance. The training objective draws it (p = 0.1), so the forward itself is deterministic.
-        ids_keep: (B, K) kept token indices from `random_masking`: the masked pass of training, which needs
-            `reference_latent` for the side-interpolater's cross-attention.
-        pose_map: (B, pose_map_channels, H, W) from `pose_map`, for models built with pose_map_channels > 0. It is
-            not dropped with y: the unconditional model of guidance still sees the pose, as in PIDM.
-        reference_memory: (B, N, D) from `reference_memory`, for models built with reference_layers > 0; computed
-            from `reference_latent` when not given. Dropped with y (the unconditional model sees no reference).
-        """
-        B = sample.shape[0]
-        if timestep.ndim == 0:
-            timestep = timestep.expand(B)
-        x = self.embed_target(sample, pose_map)  # (B, N, D)
-        reference_tokens = None
-        if condition is None:
-            reference_tokens = self.embed_latent(reference_latent)  # (B, N, D)
-            condition = self.embed_condition(pose_features, reference_features, reference_latent, reference_tokens)
-        memory, memory_gate = None, None
-        if reference_memory is not None and not self.config.reference_layers:
-            raise ValueError("this model was built without reference attention (reference_layers=0)")
-        if self.config.reference_layers:
-            if reference_memory is None and reference_latent is None:
-                raise ValueError("this model has reference attention: give reference_memory or reference_latent")
-            memory = reference_memory
-            if memory is None:
-                memory = self.reference_memory(reference_latent, reference_tokens)  # (B, N, D)
-        if drop_condition is not None:
-            keep = (~drop_condition).to(condition.dtype)  # (B,)
-            condition = condition * keep.unsqueeze(1)
-            memory_gate = keep.view(-1, 1, 1) if memory is not None else None
-        c = self.t_embedder(timestep) + condition  # (B, D)
 
-        split = self.config.depth - self.config.decode_layers
-        masked = ids_keep is not None
-        if masked:
-            if not self.config.side_interpolater:
-                raise ValueError("the masked pass needs a model built with side_interpolater=True")
-            x = gather_tokens(x, ids_keep)  # (B, K, D)
-            context = self.reference_context(reference_latent, c, reference_tokens)  # (B, N, D)
-        for i, block in enumerate(self.blocks):
-            if i == split:
-                x = self.side_interpolate(x, c, ids_keep, context) if masked else x + self.decoder_pos_embed
-            x = block(x, c, ids_keep if masked and i < split else None, memory, memory_gate)  # (B, K or N, D)
-        x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
-        return self.refiner(x, sample, c) if self.config.refine_channels else x  # (B, C_out, H, W)
+def rename_legacy_keys(state_dict: dict, prefix: str = "") -> dict:
+    """Rename, in place, the public code's key names under `prefix` to this module layout; returns the dict."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        for old, new in LEGACY_PREFIXES.items():
+            if name.startswith(old) and not name.startswith(new):
+                state_dict[prefix + new + name[len(old) :]] = state_dict.pop(key)
+                break
+    return state_dict
 
-    @torch.no_grad()
-    def reference_context(
-        self, reference_latent: torch.Tensor, c: torch.Tensor, reference_tokens: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The reference latent's tokens after the first depth - decode_layers blocks, without gradient: the keys
-        and values of the side-interpolater's cross-attention. Only the masked pass needs them."""
-        x = self.embed_latent(reference_latent) if reference_tokens is None else reference_tokens
-        for block in self.blocks[: self.config.depth - self.config.decode_layers]:
-            x = block(x, c)
-        return x.detach()  # (B, N, D)
+
+def _rename_legacy_keys_hook(module, state_dict, prefix, *args) -> None:
+    rename_legacy_keys(state_dict, prefix)
 
 
 #################################################################################

@@ -124,3 +124,22 @@ def ensure_synthetic(config: TrainConfig) -> None:
         raise InputError(f"{d.root}: holds another synthetic set (synth.json differs); choose another data.root")
     log.info("generating the synthetic set in %s", d.root)
     generate(d.root, synth)
+
+
+def build_objective(config: TrainConfig, codec: nn.Module):
+    """The training objective with the image terms the config switches on (none as published)."""
+    from xmdpt.diffusion import PaletteTerm, TextureTerm, XMDPTLoss, make_train_scheduler
+
+    o = config.objective
+    terms = []
+    if o.texture_weight > 0:
+        terms.append(TextureTerm(o.texture_weight, tuple(o.texture_lags)))
+    if o.palette_weight > 0:
+        terms.append(PaletteTerm(o.palette_weight))
+    return XMDPTLoss(
+        make_train_scheduler(o.prediction_type, config.model.learn_sigma),
+        mask_ratio=o.mask_ratio,
+        condition_dropout=o.condition_dropout,
+        image_terms=terms,
+        decode=codec.decode,
+    )

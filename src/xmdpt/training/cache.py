@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from xmdpt.conditioning import encode_features
 from xmdpt.data.deepfashion import PairDataset
 from xmdpt.errors import InputError
 from xmdpt.pose.render import skeleton_tensor
@@ -73,11 +74,13 @@ def build_cache(dataset: PairDataset, folder: Path, codec, pose_encoder, referen
                 images = torch.stack([p[0] for p in pairs]).to(device)
                 poses = torch.stack([p[1] for p in pairs]).to(device)
                 mean, std = posterior(codec, images)
+                # An image's features as a reference and its skeleton's as a target pose, by the sampler's function.
+                pose_features, reference_features = encode_features(pose_encoder, reference_encoder, images, poses)
                 out = {
                     "mean": mean,
                     "std": std,
-                    "reference_features": reference_encoder((images + 1) / 2),
-                    "pose_features": pose_encoder(poses),
+                    "reference_features": reference_features,
+                    "pose_features": pose_features,
                 }
                 for j, name in enumerate(chunk[i : i + batch_size]):
                     for key, value in out.items():

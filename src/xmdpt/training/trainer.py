@@ -37,11 +37,21 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from xmdpt.default_model import DEFAULT_GUIDANCE, write_model_info
-from xmdpt.diffusion import LossDraws, XMDPTLoss, make_train_scheduler
+from xmdpt.conditioning import encode_features
+from xmdpt.default_model import write_synthetic_set
+from xmdpt.diffusion import LossDraws
 from xmdpt.errors import InputError, describe
+from xmdpt.generation import Job, generate_batches
+from xmdpt.models.xmdpt import rename_legacy_keys
 from xmdpt.pipeline import XMDPTPipeline, make_sampling_scheduler, to_pil
-from xmdpt.training.build import build_codec, build_dataset, build_denoiser, build_encoders, synth_config
+from xmdpt.training.build import (
+    build_codec,
+    build_dataset,
+    build_denoiser,
+    build_encoders,
+    build_objective,
+    synth_config,
+)
 from xmdpt.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -122,22 +132,14 @@ class TrainStep(nn.Module):
     def forward(
         self, target_latents, reference_latent, pose_images, reference_images, draws: LossDraws, features=None
     ):
-        if features is None:
-            pose_features = self.encoder("pose_encoder")(pose_images)  # (B, T_p, W_p)
-            reference_features = self.encoder("reference_encoder")((reference_images + 1) / 2)  # (B, T_r, W_r)
-        else:  # from the feature cache
-            pose_features, reference_features = features
+        if features is None:  # else from the feature cache
+            features = encode_features(
+                self.encoder("pose_encoder"), self.encoder("reference_encoder"), reference_images, pose_images
+            )
         denoiser = self.trainable["denoiser"]
-        pose_map = denoiser.pose_map(pose_images) if denoiser.pose_embedder is not None else None
-        out = self.objective(
-            self.trainable["denoiser"],
-            target_latents,
-            pose_features,
-            reference_features,
-            reference_latent,
-            draws=draws,
-            pose_map=pose_map,
-        )
+        pose = pose_images if denoiser.pose_embedder is not None else None
+        conditions = denoiser.encode_conditions(*features, reference_latent, pose)  # once for both passes
+        out = self.objective(denoiser, target_latents, conditions, draws=draws)
         zeros = torch.zeros_like(out.full)
         return out.loss, out.full, out.masked if out.masked is not None else zeros
 
@@ -215,15 +217,7 @@ class Trainer:
         self.pose_encoder, self.reference_encoder = build_encoders(config)
         self.codec = build_codec(config).to(acc.device)
         self.denoiser = build_denoiser(config, self.codec, self.pose_encoder, self.reference_encoder)
-        self.objective = XMDPTLoss(
-            make_train_scheduler(config.objective.prediction_type, config.model.learn_sigma),
-            mask_ratio=config.objective.mask_ratio,
-            condition_dropout=config.objective.condition_dropout,
-            texture_weight=config.objective.texture_weight,
-            palette_weight=config.objective.palette_weight,
-            texture_lags=tuple(config.objective.texture_lags),
-            decode=self.codec.decode,
-        )
+        self.objective = build_objective(config, self.codec)
         self.step_module = TrainStep(self.denoiser, self.pose_encoder, self.reference_encoder, self.objective)
         for encoder in self.step_module.frozen.values():
             encoder.to(acc.device)
@@ -234,7 +228,7 @@ class Trainer:
             self.step_module.trainable.parameters(), lr=o.lr, weight_decay=o.weight_decay
         )
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        self.step, self.skipped_nan, self.last_checkpoint = 0, 0, None
+        self.step, self.skipped_nan, self.skipped_bad, self.last_checkpoint = 0, 0, 0, None
         if resume:
             self.resume()
         self.step_module, self.optimizer = acc.prepare(self.step_module, self.optimizer)
@@ -243,7 +237,6 @@ class Trainer:
         self.dataset = build_dataset(config, "train", train=True)
         if len(self.dataset) == 0:
             raise InputError(f"{config.data.root}: the training split has no pairs")
-        self.images = self.dataset  # the image data set, for its skip counter
         if config.data.cache_features:
             self.dataset = self.feature_cache()
         self.val_items = self.validation_items()
@@ -337,6 +330,8 @@ class Trainer:
             draws = draws[rank * local : (rank + 1) * local].to(acc.device)
             vae_generator = torch.Generator().manual_seed(draw_seed(r.seed + rank + 1, micro_index))
             micro_index += 1
+            if "skipped" in batch:  # bad samples the data set passed over for this batch, in whichever worker
+                self.skipped_bad += int(batch["skipped"].sum())
             with acc.accumulate(self.step_module):
                 loss, full, masked = self.forward(batch, draws, vae_generator)
                 if not self.all_finite(loss):
@@ -431,7 +426,7 @@ class Trainer:
             "loss/masked_pass": acc.gather(masked.detach()).mean().item(),
             "lr": self.lr_schedule.get_last_lr()[0],
             "throughput/samples_per_second": samples_per_second,
-            "data/skipped_bad_samples": float(self.images.skipped),
+            "data/skipped_bad_samples": float(self.bad_samples_total()),
             "data/skipped_nan_steps": float(self.skipped_nan),
         }
         acc.log(values, step=self.step)
@@ -452,25 +447,25 @@ class Trainer:
         frozen = self.accelerator.unwrap_model(self.step_module).frozen
         pick = lambda name: ema[name] if name in ema else frozen[name]  # noqa: E731
         scheduler = make_sampling_scheduler("ddim", self.objective.scheduler.config)
-        return XMDPTPipeline(ema["denoiser"], self.codec, pick("pose_encoder"), pick("reference_encoder"), scheduler)
+        components = (ema["denoiser"], self.codec, pick("pose_encoder"), pick("reference_encoder"), scheduler)
+        return XMDPTPipeline(*components, num_inference_steps=self.config.run.sample_steps)
 
     @torch.no_grad()
     def sample_grid(self) -> None:
+        """EMA samples of the validation pairs (reference | pose | generated | target), saved and logged."""
         acc = self.accelerator
         if acc.is_main_process and self.val_items:
             pipe = self.ema_pipeline()
+            jobs = [
+                Job(str(i), self.config.run.seed + i, lambda v=v: (v["reference_image"][None], v["target_pose"][None]))
+                for i, v in enumerate(self.val_items)
+            ]
+            results = generate_batches(pipe, jobs, pipe.sampling_settings(), batch_size=len(jobs), progress=False)
+            images = torch.stack([result.image.float().cpu() for result in results])
             ref = torch.stack([v["reference_image"] for v in self.val_items])
             pose = torch.stack([v["target_pose"] for v in self.val_items])
             target = torch.stack([v["target_image"] for v in self.val_items])
-            images = pipe(
-                ref,
-                pose,
-                num_inference_steps=self.config.run.sample_steps,
-                generator=torch.Generator().manual_seed(self.config.run.seed),
-                output_type="pt",
-                progress=False,
-            ).images.cpu()
-            rows = torch.stack([ref, pose * 2 - 1, images.float(), target], dim=1).flatten(0, 1)  # (4N, 3, H, W)
+            rows = torch.stack([ref, pose * 2 - 1, images, target], dim=1).flatten(0, 1)  # (4N, 3, H, W)
             grid = make_grid(rows, columns=4)
             path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,16 +476,22 @@ class Trainer:
         acc.wait_for_everyone()
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
+    def bad_samples_total(self) -> int:
+        """Bad samples skipped so far by all processes (a collective: every process must call it)."""
+        acc = self.accelerator
+        return int(acc.reduce(torch.tensor([float(self.skipped_bad)], device=acc.device), reduction="sum").item())
+
     def save_checkpoint(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        bad_samples = self.bad_samples_total()
         if acc.is_main_process:
             final = self.ckpt_dir / f"step_{self.step:08d}"
             tmp = self.ckpt_dir / f".tmp_step_{self.step:08d}_{os.getpid()}"
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-                self.write_checkpoint(tmp)
+                self.write_checkpoint(tmp, bad_samples)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)  # atomic: a checkpoint folder is either whole or absent
@@ -506,7 +507,7 @@ class Trainer:
         self.last_checkpoint = self.ckpt_dir / f"step_{self.step:08d}"
         acc.wait_for_everyone()
 
-    def write_checkpoint(self, folder: Path) -> None:
+    def write_checkpoint(self, folder: Path, bad_samples: int) -> None:
         trainable = self.accelerator.unwrap_model(self.step_module).trainable
         save_file(contiguous(trainable.state_dict()), folder / "model.safetensors")
         ema_state = contiguous(self.ema.state_dict())
@@ -518,14 +519,13 @@ class Trainer:
             "step": self.step,
             "lr_schedule": self.lr_schedule.state_dict(),
             "skipped_nan_steps": self.skipped_nan,
-            "skipped_bad_samples": self.images.skipped,
+            "skipped_bad_samples": bad_samples,
             "config": self.config.to_dict(),
         }
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
         self.ema_pipeline().save_pretrained(folder / "pipeline")
         if self.config.data.layout == "synthetic":  # `xmdpt demo --model .../pipeline` finds the held-out people
-            info = (synth_config(self.config), self.config.run.sample_steps, DEFAULT_GUIDANCE)  # as `sample_grid`
-            write_model_info(folder / "pipeline", *info)
+            write_synthetic_set(folder / "pipeline", synth_config(self.config))
 
     def prune(self) -> None:
         keep = self.config.run.keep_last
@@ -545,10 +545,14 @@ class Trainer:
             self.ema.load_state_dict(load_file(folder / "ema.safetensors"))
             structure = json.loads((folder / "optimizer.json").read_text())
             self.optimizer.load_state_dict(unflatten_optimizer(load_file(folder / "optimizer.safetensors"), structure))
+            check_optimizer_shapes(self.optimizer)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
             raise InputError(f"{folder}: cannot resume from this checkpoint ({str(err).splitlines()[0]})") from None
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step, self.skipped_nan = state["step"], state.get("skipped_nan_steps", 0)
+        # Each process counts its own share and the checkpoint holds their sum: on resume the main process continues
+        # from it and the others from 0, so the sum over processes goes on from the checkpoint's.
+        self.skipped_bad = state.get("skipped_bad_samples", 0) if self.accelerator.is_main_process else 0
         # The rate follows this config (its lr, max_steps and decay_steps), not the one the checkpoint was made with.
         self.lr_schedule.base_lrs = [self.config.optim.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
@@ -581,6 +585,7 @@ class Trainer:
                 first = str(err).splitlines()[0]
                 raise InputError(f"{path}: cannot read the weights to start from ({first})") from None
             state = {k.removeprefix("module."): v for k, v in saved.items() if k.startswith("module.")}
+            rename_legacy_keys(state, "denoiser.")  # a run saved before the paper's modules were classes
         own = trainable.state_dict()
         misfits = [k for k in state if k not in own or own[k].shape != state[k].shape]
         if misfits or not state:
@@ -596,6 +601,7 @@ class Trainer:
         weights = acc.unwrap_model(self.step_module).trainable
         checksum = torch.stack([p.detach().double().sum() for p in weights.parameters()]).sum().reshape(1)
         sums = acc.gather(checksum.to(acc.device)).cpu()
+        total_bad = self.bad_samples_total()
         if acc.is_main_process:
             summary = {
                 "step": self.step,
@@ -603,13 +609,13 @@ class Trainer:
                 "ranks_agree": bool(torch.all(sums == sums[0])),
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "skipped_nan_steps": self.skipped_nan,
-                "skipped_bad_samples": self.images.skipped,
+                "skipped_bad_samples": total_bad,
             }
             atomic_write_text(self.out_dir / "run_summary.json", json.dumps(summary, indent=1) + "\n")
             if not summary["ranks_agree"]:
                 log.error("the processes hold different weights: %s", sums.tolist())
-            if self.images.skipped:
-                log.warning("%d bad samples were skipped", self.images.skipped)
+            if total_bad:
+                log.warning("%d bad samples were skipped", total_bad)
 
     def close(self) -> None:
         """Release the wrapped model before the process group goes: a DDP reducer that outlives its gloo group is
@@ -666,6 +672,19 @@ def new_modules(missing: list[str], saved: dict) -> list[str]:
         parts = fold(key)
         heads.add(next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in known), key))
     return sorted(heads)
+
+
+def check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer states name parameters by position: a checkpoint of another parameter layout would load moments
+    onto the wrong tensors. Refuse it (`model.init_from` starts a new run from its weights instead)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for param in params:
+        for name, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                raise ValueError(
+                    f"optimizer state {name} of shape {tuple(value.shape)} for a {tuple(param.shape)} weight; "
+                    "start a new run from it with model.init_from"
+                )
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
