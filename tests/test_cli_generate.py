@@ -272,3 +272,37 @@ def test_guidance_interval_comes_from_the_model_and_the_command_line(files, mode
     )
     settings = load_pipeline().sampling_settings()
     assert settings.guidance_interval == (150.0, 850.0) and settings.num_inference_steps == 7
+
+
+def test_no_output_ever_replaces_an_input(files, capsys):
+    """--out equal to the reference or pose, or a batch line whose output is another line's input, is refused in one
+    line before any sampling, and the input stays as it was."""
+    photo = files / "person1.png"
+    before = photo.read_bytes()
+    driving = files / "person2.png"  # a driving photo as the pose
+    for pose, target, what in ((files / "pose2.json", photo, "reference image"), (driving, driving, "pose file")):
+        with pytest.raises(SystemExit) as done:
+            main(["generate", "--reference", str(photo), "--pose", str(pose), "--out", str(target)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert done.value.code == 2 and len(err) == 1 and f"--out is the {what}" in err[0]
+    (files / "pairs.csv").write_text(
+        "reference,pose,out\nperson2.png,pose2.json,a.png\nperson1.png,pose2.json,person2.png\n"
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--pairs", str(files / "pairs.csv"), "--out-dir", str(files), "--steps", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert done.value.code == 2 and any("is an input of this batch" in line for line in err), err
+    assert photo.read_bytes() == before and Image.open(files / "person2.png").size != (SIZE[1], SIZE[0])  # intact
+
+
+def test_a_symbolic_link_inside_the_out_dir_cannot_lead_outside_it(files, tmp_path, capsys):
+    outside, out_dir = tmp_path / "elsewhere", files / "batch"
+    outside.mkdir()
+    out_dir.mkdir()
+    (out_dir / "link").symlink_to(outside, target_is_directory=True)
+    (files / "pairs.csv").write_text("reference,pose,out\nperson1.png,pose2.json,link/x.png\n")
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--pairs", str(files / "pairs.csv"), "--out-dir", str(out_dir), "--steps", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert done.value.code == 2 and any("leads outside --out-dir" in line for line in err), err
+    assert not list(outside.iterdir())

@@ -52,7 +52,7 @@ def test_converted_model_computes_the_public_function(public_checkpoint, tmp_pat
 
 def test_cli_convert_writes_a_loadable_folder(public_checkpoint, tmp_path):
     _, path = public_checkpoint
-    main(["convert", str(path), str(tmp_path / "out")])
+    main(["convert", str(path), str(tmp_path / "out"), "--denoiser-only"])
     assert (tmp_path / "out" / "config.json").exists()
     assert XMDPT.from_pretrained(tmp_path / "out").num_parameters() == sum(
         v.numel() for k, v in torch.load(path, weights_only=True).items() if "relative_position_index" not in k
@@ -119,7 +119,7 @@ def test_cli_refuses_an_output_that_is_a_file_and_options_that_do_not_fit(public
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert taken.read_text() == "keep me"
-    main(["convert", str(path), str(tmp_path / "ok")])  # and a good one still writes its folder
+    main(["convert", str(path), str(tmp_path / "ok"), "--denoiser-only"])  # and a good one still writes its folder
     assert (tmp_path / "ok" / "config.json").is_file()
 
 

@@ -222,3 +222,24 @@ def test_training_skips_counts_and_reports_bad_samples(synth, caplog):
         [strict[i] for i in range(len(strict))]
     with pytest.raises(InputError, match="fasion-resize-pairs-test.csv:8: expected 'from,to'"):
         deepfashion_csv(synth, "test", fail_fast=True)
+
+
+@pytest.mark.parametrize("lists", ["[" * 50_000 + "]" * 50_000, "[" + "9" * 5000 + "]"])
+def test_keypoint_lists_that_break_the_json_parser_are_one_line(synth, capsys, lists):
+    """Nesting deeper than the parser's recursion, or an integer of thousands of digits, is that line's error."""
+    path = synth / "fasion-resize-annotation-test.csv"
+    lines = path.read_text().splitlines()
+    name = lines[1].split(":")[0]
+    lines[1] = f"{name}:{lists}:{lists}"
+    path.write_text("\n".join(lines) + "\n")
+    error = cli_error(["data", "check", str(synth)], capsys)
+    assert "fasion-resize-annotation-test.csv:2: keypoint lists are not valid JSON" in error
+
+
+def test_an_annotation_field_beyond_the_csv_limit_is_one_line(synth, capsys):
+    path = synth / "fasion-resize-annotation-test.csv"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].split(":")[0] + ":" + '"' + "1" * 200_000 + '"' + ":[]"
+    path.write_text("\n".join(lines) + "\n")
+    error = cli_error(["data", "check", str(synth)], capsys)
+    assert "fasion-resize-annotation-test.csv:2: not a valid CSV line" in error

@@ -293,3 +293,11 @@ def test_evaluation_guides_with_the_models_interval_and_records_it(synth, model_
         record = json.loads((tmp_path / out / "generated" / "generation.json").read_text())
         assert record["guidance_interval"] == interval and record["guidance_scale"] == 2.0
         assert record["sampler"] == "ddim" and record["num_inference_steps"] == 2 and record["guidance_power"] == 0.01
+
+
+def test_an_evaluation_size_the_masks_do_not_have_is_refused_before_generating(synth, model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["evaluate", "--model", model_dir, "--data-root", synth, "--layout", "synthetic", "--out-dir", out]
+    code, _, errors = cli([*args, "--size", "7x7", "--steps", "1"], capsys)
+    assert code == 2 and len(errors) == 1 and "figure masks are 32x24" in errors[0], errors
+    assert not list(out.glob("generated/*.png"))  # refused before any image was generated

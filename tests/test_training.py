@@ -701,3 +701,46 @@ def test_help_answers_without_importing_torch():
     for command in ([], ["generate"], ["train"], ["evaluate"], ["serve"], ["demo"], ["convert"], ["pose"]):
         done = subprocess.run([sys.executable, "-m", "xmdpt", *command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "Usage" in done.stdout, done.stderr
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_exit_4_and_leaves_no_partial_folder(
+    synth_root, tmp_path, monkeypatch, capfd
+):
+    """safetensors reports a full disk as a SafetensorError, not an OSError: it must still be the documented one
+    line and exit code 4, with the temporary folder removed and the previous checkpoint intact."""
+    from safetensors import SafetensorError
+
+    import xmdpt.training.trainer as trainer_module
+    from xmdpt.cli import main
+
+    real_save = trainer_module.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if "step_00000004" in str(path):
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, message: No space left on device })"
+            )
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "save_file", save_file)
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".tmp_step_00000009_123").mkdir()  # left by a write that was killed earlier
+    args = ["train", *overrides(synth_root, run, "optim.max_steps=6", "run.checkpoint_every=2")]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert done.value.code == 4 and len(err) == 1 and "No space left" in err[0] and "step_00000002" in err[0]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]  # no .tmp_step_* left
+
+
+def test_skipping_non_finite_steps_stops_when_they_never_end(synth_root, tmp_path):
+    from xmdpt.training.trainer import NonFiniteLoss, Trainer
+
+    extra = ("optim.max_steps=50", "run.checkpoint_every=2", "run.on_nan=skip", "run.max_nan_skips=5")
+    trainer = Trainer(load_config(None, overrides(synth_root, tmp_path / "run", *extra)))
+    nan_after(trainer, 3)  # every step from the fourth on: as when the weights themselves are no longer finite
+    with pytest.raises(NonFiniteLoss, match="5 steps in a row.*step_00000002"):
+        trainer.train()
+    assert trainer.step == 3 and trainer.skipped_nan == 5

@@ -20,6 +20,8 @@ _EXPORTS = {
     "XMDPTPipeline": "xmdpt.pipeline",
     "make_sampling_scheduler": "xmdpt.pipeline",
     "load_pipeline": "xmdpt.default_model",
+    "example_pose": "xmdpt.examples",
+    "example_pose_names": "xmdpt.examples",
 }
 
 __all__ = sorted(_EXPORTS)

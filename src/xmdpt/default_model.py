@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 ENV_VAR = "XMDPT_DEFAULT_MODEL"
 INFO_FILE = "xmdpt_default.json"
 PIPELINE_CLASS = "XMDPTPipeline"
+# Said wherever the embedded default is used on the user's own images (the CLI's log, the web page, the Python API).
+EMBEDDED_NOTICE = (
+    "the embedded default model was trained only on synthetic 64x48 figures: on a real photo it draws a blob. A real "
+    "photo needs a real model: convert the authors' published checkpoint with `xmdpt convert` and pass its folder "
+    "with --model (README: Use a real model)"
+)
 # Sampling keys that folders written before the pipeline owned its defaults kept in INFO_FILE.
 LEGACY_SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_interval")
 
@@ -108,26 +114,31 @@ def _check_local_folder(path: Path) -> None:
 
 
 @contextmanager
-def _quiet_loading():
+def quiet_loading():
     """No per-component loading bar and no warnings (e.g. "Couldn't connect to the Hub ... will try the local
-    cache", printed before an offline miss): they are noise on the one-line error contract of the CLI."""
+    cache", printed before an offline miss), from diffusers or transformers: they are noise on the one-line error
+    contract of the CLI."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    was_enabled = diffusers_logging.is_progress_bar_enabled()
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
+    saved = []
+    for library in (diffusers_logging, transformers_logging):
+        saved.append((library, library.is_progress_bar_enabled(), library.get_verbosity()))
+        library.disable_progress_bar()
+        library.set_verbosity_error()
     try:
         yield
     finally:
-        diffusers_logging.set_verbosity(verbosity)
-        if was_enabled:
-            diffusers_logging.enable_progress_bar()
+        for library, was_enabled, verbosity in saved:
+            library.set_verbosity(verbosity)
+            if was_enabled:
+                library.enable_progress_bar()
 
 
-def load_pipeline(model: str | Path | None = None, device: str | torch.device | None = None):
+def load_pipeline(model: str | Path | None = None, device: str | torch.device | None = None, notice: bool = True):
     """An `XMDPTPipeline` from a local folder, a Hub id, or (None) the embedded default, on `device`, in eval mode,
-    with the folder's own sampling defaults."""
+    with the folder's own sampling defaults. For the embedded default, `notice` logs a warning that it knows only
+    synthetic figures (the demo, which shows exactly those, turns it off)."""
     from xmdpt.pipeline import SAMPLING_DEFAULTS, XMDPTPipeline  # the pipeline imports diffusers; keep `--help` fast
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -136,7 +147,7 @@ def load_pipeline(model: str | Path | None = None, device: str | torch.device | 
     if local:
         _check_local_folder(path)
     try:
-        with _quiet_loading():
+        with quiet_loading():
             pipe = XMDPTPipeline.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as err:
         # Offline Hub misses, corrupt safetensors and mismatched configs all land here; one line says which.
@@ -159,4 +170,6 @@ def load_pipeline(model: str | Path | None = None, device: str | torch.device | 
         if isinstance(component, torch.nn.Module):
             component.eval()
     log.debug("loaded %s on %s", path, device)
+    if model is None and notice and not os.environ.get(ENV_VAR):
+        log.warning("note: %s", EMBEDDED_NOTICE)
     return pipe

@@ -10,6 +10,12 @@ from dataclasses import asdict, dataclass
 from xmdpt.errors import InputError
 
 NUM_TRAIN_TIMESTEPS = 1000
+# The components the published models were trained with (reference Sec. 3 and 7), and the public code's sampling:
+# its respaced DDIM (`ddim-public`), 50 steps, guidance 2.0 on the power-cosine ramp, at every step.
+PUBLISHED_VAE = "stabilityai/sd-vae-ft-mse"
+PUBLISHED_POSE_ENCODER = "facebook/dinov2-base"
+PUBLISHED_REFERENCE_ENCODER = "facebook/dinov2-giant"
+PUBLISHED_SAMPLING = dict(num_inference_steps=50, guidance_scale=2.0, guidance_interval=None, guidance_power=0.01)
 # The samplers `XMDPTPipeline.set_sampler` knows by name (any other diffusers scheduler swaps in by `from_config`).
 SAMPLERS = ("ddim", "ddim-public", "dpmsolver++", "ddpm")
 

@@ -30,7 +30,7 @@ def demo(
     synth = synthetic_set(default_model_path() if model is None else model)
     if synth is None:
         raise InputError(f"{model}: no {INFO_FILE} with the synthetic set it was trained on; the demo needs one")
-    pipe = load_pipeline(model, device)
+    pipe = load_pipeline(model, device, notice=False)  # the demo shows exactly what it was trained on
     result = run_demo(pipe, synth, pipe.sampling_settings(num_inference_steps=steps), num_pairs=num_pairs, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.grid.save(out)

@@ -23,6 +23,7 @@ from typing import Annotated
 import typer
 
 from xmdpt.errors import InputError, require_file
+from xmdpt.examples import example_pose_names, example_pose_path, pose_argument
 from xmdpt.settings import SAMPLERS
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def read_pairs(csv_path: Path, out_dir: Path) -> tuple[list[PairLine], list[str]
             index += 1
             continue
         reference, pose = base / cells[0], base / cells[1]
+        if not pose.exists() and cells[1] in example_pose_names():  # a shipped example pose, by name
+            pose = example_pose_path(cells[1])
         name = cells[2] if len(cells) > 2 and cells[2] else f"{number:04d}-{reference.stem}-{pose.stem}.png"
         out = Path(name)
         if out.is_absolute() or ".." in out.parts:
@@ -92,19 +95,30 @@ def read_pairs(csv_path: Path, out_dir: Path) -> tuple[list[PairLine], list[str]
             problems.append(f"{where}: out {name!r} must be an image file ({', '.join(OUTPUT_SUFFIXES)})")
         elif out in outs:
             problems.append(f"{where}: out {name!r} is already line {outs[out]}'s output")
+        elif not (out_dir / out).resolve().is_relative_to(out_dir.resolve()):  # a symlink inside --out-dir
+            problems.append(f"{where}: out {name!r} leads outside --out-dir (through a symbolic link)")
         elif (out_dir / out).is_dir():
             problems.append(f"{where}: out {name!r} is a folder in --out-dir")
         else:
             outs[out] = number
             lines.append(PairLine(where, index, reference, pose, out_dir / out))
         index += 1
+    # No command writes over a user's input: an output that is any line's reference or pose (or the CSV itself).
+    inputs = {csv_path.resolve()} | {path.resolve() for line in lines for path in (line.reference, line.pose)}
+    for line in [line for line in lines if line.out.resolve() in inputs]:
+        lines.remove(line)
+        problems.append(f"{line.where}: out {line.out} is an input of this batch; it is never written over")
     return lines, problems
 
 
 def generate(
     reference: Annotated[Path | None, typer.Option(help="Photo of the person (single mode).")] = None,
     pose: Annotated[
-        Path | None, typer.Option(help="Target pose: keypoint file (.json ours, .txt PIDM) or a driving photo.")
+        Path | None,
+        typer.Option(
+            help="Target pose: keypoint file (.json ours, .txt PIDM), a driving photo, or a shipped example pose "
+            f"by name ({', '.join(example_pose_names())})."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output image (single mode).")] = None,
     pairs: Annotated[Path | None, typer.Option(help="Batch mode: CSV with header reference,pose[,out].")] = None,
@@ -136,9 +150,12 @@ def generate(
         raise InputError(f"--guidance must be a finite number, got {guidance}")
     interval = None if guidance_interval is None else parse_guidance_interval(guidance_interval)
     if pairs is None:
+        pose = pose_argument(pose)
         check_output_path(out)
         for path, what in ((reference, "reference image"), (pose, "pose file")):
             require_file(path, what)
+            if out.resolve() == path.resolve():
+                raise InputError(f"{out}: --out is the {what}; choose another output (inputs are never written over)")
         lines, problems = [PairLine("", 0, reference, pose, out)], []
     else:
         check_output_folder(out_dir)
@@ -146,11 +163,11 @@ def generate(
 
     from tqdm.auto import tqdm
 
-    from xmdpt.default_model import load_pipeline
+    from xmdpt.default_model import EMBEDDED_NOTICE, load_pipeline
     from xmdpt.generation import Job, generate_batches
     from xmdpt.inputs import PoseReader
 
-    pipe = load_pipeline(model, device)
+    pipe = load_pipeline(model, device, notice=False)
     if sampler is not None:
         pipe.set_sampler(sampler.value)
     settings = pipe.sampling_settings(num_inference_steps=steps, guidance_scale=guidance, guidance_interval=interval)
@@ -171,10 +188,13 @@ def generate(
             if message is not None:
                 tqdm.write(f"error: {line.where}: {message}", file=sys.stderr)  # above the progress bar
                 failed += 1
+    if model is None:  # on the terminal, beside what was written (an error stays the one line of its command)
+        typer.echo(f"note: {EMBEDDED_NOTICE}", err=True)
     if pairs is None:
         typer.echo(f"wrote {out} ({pipe.image_size[1]}x{pipe.image_size[0]} pixels)")
         return
-    typer.echo(f"wrote {len(lines) + len(problems) - failed} images to {out_dir}; {failed} lines failed")
+    size = f"{pipe.image_size[1]}x{pipe.image_size[0]} pixels"
+    typer.echo(f"wrote {len(lines) + len(problems) - failed} images ({size}) to {out_dir}; {failed} lines failed")
     if failed:
         raise typer.Exit(2)
 

@@ -36,8 +36,23 @@ def serve(
     pipe = load_pipeline(model, device)
     pipe.set_progress_bar_config(disable=False)
     launch(
-        Reposer(pipe, num_inference_steps=steps, max_upload_mb=max_upload_mb),
+        Reposer(
+            pipe,
+            num_inference_steps=steps,
+            max_upload_mb=max_upload_mb,
+            notice=embedded_model_notice(pipe.image_size) if model is None else None,
+        ),
         host=host,
         port=port,
         max_queue=max_queue,
+    )
+
+
+def embedded_model_notice(size: tuple[int, int]) -> str:
+    """What the page says when it serves the embedded default model: it cannot re-pose a real photo."""
+    height, width = size
+    return (
+        f"this page serves the embedded demo model. It was trained only on synthetic {height}x{width} figures "
+        "(height x width) drawn by xmdpt itself, so it will not re-pose a real photo. For real photos, serve a real "
+        'model: `xmdpt serve --model FOLDER` (see the README section "Use a real model").'
     )

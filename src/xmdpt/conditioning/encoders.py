@@ -200,6 +200,23 @@ class LearnedImageEncoder(ModelMixin, ConfigMixin):
         return self.norm(torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1))  # (B, 1 + h * w, W)
 
 
+def dinov2_encoder(name_or_path: str | Path, role: str, public_quirks: bool = True) -> DinoV2Encoder:
+    """The pose or reference encoder (`role`) from a DINOv2 Hub id or local folder. With `public_quirks`, as the
+    published models were trained: the skeleton enters in [0, 1] and the reference in [-1, 1], resized without
+    antialiasing (reference Sec. 3); otherwise ImageNet-normalised with antialiasing, for new models."""
+    if role not in ("pose", "reference"):
+        raise ValueError(f"role must be 'pose' or 'reference', got {role!r}")
+    transform = ("unit" if role == "pose" else "signed") if public_quirks else "imagenet"
+    return DinoV2Encoder.from_dinov2(name_or_path, input_transform=transform, antialias=not public_quirks)
+
+
+def dinov2_encoders(
+    pose: str | Path, reference: str | Path, public_quirks: bool = True
+) -> tuple[DinoV2Encoder, DinoV2Encoder]:
+    """(pose encoder, reference encoder): see `dinov2_encoder`."""
+    return dinov2_encoder(pose, "pose", public_quirks), dinov2_encoder(reference, "reference", public_quirks)
+
+
 def encode_features(
     pose_encoder: torch.nn.Module,
     reference_encoder: torch.nn.Module,

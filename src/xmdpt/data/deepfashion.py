@@ -21,6 +21,7 @@ file and reason, and the next pair is served; `fail_fast=True` raises the `Input
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -233,8 +234,8 @@ class CsvPairs(PairDataset):
             ys, xs, where = self.annotations[name]
             try:
                 ys, xs = json.loads(ys), json.loads(xs)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: keypoint lists are not valid JSON ({err})") from None
+            except (ValueError, RecursionError) as err:  # not JSON, too deep, or a number of thousands of digits
+                raise InputError(f"{where}: keypoint lists are not valid JSON ({str(err)[:100]})") from None
             self._poses[name] = Pose.from_gfla(ys, xs, self.frame, where)
         return self._poses[name]
 
@@ -342,8 +343,14 @@ def _read_text(path: Path) -> str:
 
 def _csv_rows(path: Path, delimiter: str, header: Sequence[str]):
     """(line number, cells) of a small CSV, skipping its header line if it has one."""
-    lines = _read_text(path).splitlines()
-    for number, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
+    reader = csv.reader(_read_text(path).splitlines(), delimiter=delimiter)
+    for number in itertools.count(1):
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # e.g. a field beyond the csv module's size limit
+            raise InputError(f"{path}:{reader.line_num}: not a valid CSV line ({err})") from None
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if number == 1 and [c.strip() for c in row] == list(header):

@@ -340,6 +340,17 @@ def evaluate(
         logger.warning("evaluation size %s is not one of the protocol's (%s)", format_size(eval_size), EVAL_SIZES)
     # The test list is read (and its files checked) before a model is loaded: bad data fails in a second.
     eval_set = open_eval_set(root, config.layout, eval_size, eval_size, config.limit)
+    masks = eval_set.masks() if config.layout == "synthetic" else None
+    if masks:  # colour fidelity compares at the masks' size: refuse another size now, not after generating it all
+        from PIL import Image
+
+        first = next(iter(masks.values()))
+        with Image.open(first) as mask:
+            if (mask.height, mask.width) != tuple(eval_size):
+                raise InputError(
+                    f"evaluation size {format_size(eval_size)}: this data set's figure masks are "
+                    f"{mask.height}x{mask.width} ({first}); evaluate at that size"
+                )
     if config.generated is None:
         from accelerate import Accelerator
 

@@ -17,6 +17,12 @@ import torch
 
 from xmdpt.errors import InputError, describe
 from xmdpt.models.xmdpt import XMDPT
+from xmdpt.settings import (
+    PUBLISHED_POSE_ENCODER,
+    PUBLISHED_REFERENCE_ENCODER,
+    PUBLISHED_SAMPLING,
+    PUBLISHED_VAE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +133,70 @@ def convert_public_checkpoint(
         model.save_pretrained(out_dir)
         logger.info("wrote %s (%s parameters)", out_dir, f"{model.num_parameters():,}")
     return model
+
+
+def load_component(what: str, option: str, name: str | Path, load):
+    """`load()`, or one line naming the component, where it was looked for, and the option that takes a folder."""
+    from xmdpt.default_model import quiet_loading
+
+    try:
+        with quiet_loading():
+            return load()
+    except (InputError, OSError, ValueError) as err:
+        if Path(name).exists():
+            raise InputError(f"{what} {name}: cannot load it ({str(err).splitlines()[0][:300]})") from None
+        raise InputError(
+            f"{what} {name}: not a local folder, and not in the Hugging Face cache while the Hub cannot be reached; "
+            f"download it once with a connection, or pass a local folder with {option}"
+        ) from None
+
+
+def convert_public_pipeline(
+    path: str | Path,
+    out_dir: str | Path,
+    vae: str | Path = PUBLISHED_VAE,
+    pose_encoder: str | Path = PUBLISHED_POSE_ENCODER,
+    reference_encoder: str | Path = PUBLISHED_REFERENCE_ENCODER,
+    grid_size: tuple[int, int] | None = None,
+    decode_layers: int = 2,
+):
+    """A complete `XMDPTPipeline` folder from a public checkpoint: the converted denoiser, the SD-VAE codec, the two
+    DINOv2 encoders with the public code's input quirks, the public respaced DDIM and its sampling defaults. The
+    image size follows from the checkpoint's grid and the VAE's factor (256x256 for the released models)."""
+    from xmdpt.conditioning import VAECodec
+    from xmdpt.conditioning.encoders import dinov2_encoder
+    from xmdpt.diffusion import make_train_scheduler
+    from xmdpt.pipeline import XMDPTPipeline, make_sampling_scheduler
+
+    denoiser = convert_public_checkpoint(path, None, grid_size, decode_layers)
+    pose = load_component("pose encoder", "--pose-encoder", pose_encoder, lambda: dinov2_encoder(pose_encoder, "pose"))
+    reference = load_component(
+        "reference encoder",
+        "--reference-encoder",
+        reference_encoder,
+        lambda: dinov2_encoder(reference_encoder, "reference"),
+    )
+    codec = load_component("VAE", "--vae", vae, lambda: VAECodec.from_vae(vae))
+    c = denoiser.config
+    expected = {
+        "pose encoder": ((c.pose_feature_dim, c.pose_num_tokens), (pose.feature_dim, pose.num_tokens)),
+        "reference encoder": (
+            (c.reference_feature_dim, c.reference_num_tokens),
+            (reference.feature_dim, reference.num_tokens),
+        ),
+    }
+    for what, (want, got) in expected.items():
+        if want != got:
+            raise InputError(
+                f"{path}: the checkpoint expects a {what} of width {want[0]} with {want[1]} tokens, "
+                f"the one given has width {got[0]} with {got[1]} tokens"
+            )
+    if codec.latent_channels != c.in_channels:
+        raise InputError(
+            f"{path}: the checkpoint takes {c.in_channels} latent channels, the VAE gives {codec.latent_channels}"
+        )
+    scheduler = make_sampling_scheduler("ddim-public", make_train_scheduler("epsilon", c.learn_sigma).config)
+    pipe = XMDPTPipeline(denoiser, codec, pose, reference, scheduler, **PUBLISHED_SAMPLING)
+    pipe.save_pretrained(out_dir)
+    logger.info("wrote %s: a %dx%d pipeline", out_dir, *pipe.image_size)
+    return pipe

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from xmdpt.conditioning import DinoV2Encoder, LearnedImageEncoder, PixelCodec, VAECodec
+from xmdpt.conditioning import LearnedImageEncoder, PixelCodec, VAECodec
+from xmdpt.conditioning.encoders import dinov2_encoders
 from xmdpt.data.deepfashion import Augment, FolderPairs, PairDataset, PidmPairs, deepfashion_csv, market1501
 from xmdpt.errors import InputError
 from xmdpt.models.xmdpt import XMDPT, XMDPT_PRESETS
@@ -27,14 +28,7 @@ def build_encoders(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
                 image_size=size, width=c.learned_width, input_transform="signed", contrast_input=c.learned_contrast
             ),
         )
-    quirks = dict(antialias=False) if c.public_quirks else dict(antialias=True)
-    pose = DinoV2Encoder.from_dinov2(
-        c.pose_encoder, input_transform="unit" if c.public_quirks else "imagenet", **quirks
-    )
-    ref = DinoV2Encoder.from_dinov2(
-        c.reference_encoder, input_transform="signed" if c.public_quirks else "imagenet", **quirks
-    )
-    return pose, ref
+    return dinov2_encoders(c.pose_encoder, c.reference_encoder, c.public_quirks)
 
 
 def build_codec(config: TrainConfig) -> nn.Module:

@@ -106,6 +106,9 @@ class RunConfig:
     sample_pairs: int = 8
     sample_steps: int = 50
     on_nan: str = "stop"  # stop: keep the last good checkpoint and stop; skip: drop the step and go on
+    # With on_nan=skip, this many non-finite steps in a row stop the run all the same (exit 3): then the weights
+    # themselves are no longer finite, and skipping would spin forever without progress or checkpoint.
+    max_nan_skips: int = 20
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -258,6 +261,8 @@ def validate(config: TrainConfig) -> None:
     for name in ("checkpoint_every", "log_every"):  # the trainer takes the step modulo these
         if getattr(r, name) < 1:
             raise InputError(f"run.{name}={getattr(r, name)} must be >= 1")
+    if r.max_nan_skips < 1:
+        raise InputError(f"run.max_nan_skips={r.max_nan_skips} must be >= 1")
     if r.sample_every < 0:
         raise InputError(f"run.sample_every={r.sample_every} must be >= 0 (0: never)")
     if r.sample_every and r.sample_pairs > 0 and r.sample_steps < 1:

@@ -211,6 +211,7 @@ class Trainer:
             )
         if acc.is_main_process:
             preflight(self.out_dir)
+            remove_partial_checkpoints(self.ckpt_dir)
         acc.wait_for_everyone()
 
         torch.manual_seed(r.seed)  # the initial weights
@@ -293,6 +294,8 @@ class Trainer:
                 return self._loop(bar, stop)
         except KeyboardInterrupt:
             return self._interrupted(bar)
+        finally:
+            bar.close()  # ends the bar's line, so that an error message stands on a line of its own
 
     def _interrupted(self, bar) -> TrainResult:
         log.warning("interrupted at step %d: writing a checkpoint", self.step)
@@ -316,6 +319,7 @@ class Trainer:
         local = micro // acc.num_processes
         window_start, window_samples = time.perf_counter(), 0
         micro_index = self.step * o.grad_accum
+        nan_in_a_row = 0
         for batch in self.loader():
             if self.step >= o.max_steps:  # done: a SIGTERM now changes nothing
                 break
@@ -341,11 +345,19 @@ class Trainer:
                             f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
                         )
                     self.skipped_nan += 1
+                    nan_in_a_row += 1
+                    if nan_in_a_row >= r.max_nan_skips:
+                        raise NonFiniteLoss(
+                            f"{nan_in_a_row} steps in a row had a non-finite loss (from step {self.step + 1}): the "
+                            "weights themselves are probably no longer finite; stopped. The last good checkpoint is "
+                            f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}"
+                        )
                     log.warning(
                         "non-finite loss at step %d: step skipped (%d so far)", self.step + 1, self.skipped_nan
                     )
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
+                nan_in_a_row = 0
                 acc.backward(loss)
                 if acc.sync_gradients and o.grad_clip:
                     acc.clip_grad_norm_(self.step_module.parameters(), o.grad_clip)
@@ -496,10 +508,10 @@ class Trainer:
                     shutil.rmtree(final)
                 os.replace(tmp, final)  # atomic: a checkpoint folder is either whole or absent
                 atomic_write_text(self.ckpt_dir / "latest", final.name + "\n")
-            except OSError as err:
+            except (OSError, SafetensorError) as err:  # a full disk is a SafetensorError from save_file
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise OSError(
-                    f"could not write checkpoint {final} ({err.strerror or err}); "
+                    f"could not write checkpoint {final} ({getattr(err, 'strerror', None) or err}); "
                     f"the previous one ({self.last_checkpoint or 'none'}) is intact"
                 ) from err
             self.prune()
@@ -642,6 +654,14 @@ def preflight(out_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise InputError(f"{out_dir}: cannot write the run folder ({err.strerror or err})") from None
+
+
+def remove_partial_checkpoints(ckpt_dir: Path) -> None:
+    """Temporary checkpoint folders left by a write that was killed or ran out of disk: never a checkpoint (the
+    rename into place is the commit), so they go at the next start instead of piling up."""
+    for partial in sorted(ckpt_dir.glob(".tmp_step_*")):
+        shutil.rmtree(partial, ignore_errors=True)
+        log.info("removed %s, an unfinished checkpoint write", partial)
 
 
 def check_free_space(out_dir: Path, needed_bytes: int) -> None:
