@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from xmdpt.cli.generate import Sampler
+from xmdpt.cli.generate import GuidanceIntervalOption, GuidanceOption, Sampler, StepsOption
 
 
 class EvalLayout(str, Enum):
@@ -30,12 +30,9 @@ def evaluate(
     size: Annotated[
         str | None, typer.Option(help="Evaluation size HxW: 256x176 or 512x352; default: the data set's.")
     ] = None,
-    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps; default: the model's.")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale; default: the model's.")] = None,
-    guidance_interval: Annotated[
-        str | None,
-        typer.Option(help="Guide only at timesteps LO,HI (e.g. 200,800), or 'all'; default: the model's."),
-    ] = None,
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    guidance_interval: GuidanceIntervalOption = None,
     sampler: Annotated[Sampler | None, typer.Option(help="The sampler; default: the model's.")] = None,
     seed: Annotated[
         int, typer.Option(min=0, max=2**63 - 1, help="Seed; each pair's noise comes from (seed, its file name).")

@@ -32,6 +32,12 @@ OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 Sampler = Enum("Sampler", {name: name for name in SAMPLERS}, type=str)
 FitChoice = Enum("FitChoice", {name: name for name in ("pad", "crop", "stretch")}, type=str)
+# The sampling options that `generate` and `evaluate` share; each defaults to the model's own setting.
+StepsOption = Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps; default: the model's.")]
+GuidanceOption = Annotated[float | None, typer.Option(help="Guidance scale; default: the model's.")]
+GuidanceIntervalOption = Annotated[
+    str | None, typer.Option(help="Guide only at timesteps LO,HI (e.g. 200,800), or 'all'; default: the model's.")
+]
 
 
 @dataclass(frozen=True)
@@ -124,12 +130,9 @@ def generate(
     pairs: Annotated[Path | None, typer.Option(help="Batch mode: CSV with header reference,pose[,out].")] = None,
     out_dir: Annotated[Path | None, typer.Option(help="Batch mode: folder for the images.")] = None,
     model: Annotated[str | None, typer.Option(help="Pipeline folder or Hub id; default: the embedded model.")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps; default: the model's.")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale; default: the model's.")] = None,
-    guidance_interval: Annotated[
-        str | None,
-        typer.Option(help="Guide only at timesteps LO,HI (e.g. 200,800), or 'all'; default: the model's."),
-    ] = None,
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    guidance_interval: GuidanceIntervalOption = None,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Random seed (batch line i uses seed + i).")] = 0,
     sampler: Annotated[Sampler | None, typer.Option(help="The sampler; default: the model's.")] = None,
     fit: Annotated[FitChoice, typer.Option(help="Bring photos to the model's frame.")] = FitChoice.pad,
