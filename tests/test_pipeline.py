@@ -325,3 +325,18 @@ def test_ddim_public_is_a_sampler_by_name(pipe, tmp_path):
     ours = run(pipe, ref, pose)
     pipe.set_sampler("ddim")
     assert not torch.allclose(ours, run(pipe, ref, pose), atol=1e-5)  # DDIM steps to t - T/n, not the next visited
+
+
+def test_threads_sharing_one_pipeline_each_get_what_they_get_alone(pipe):
+    """A server holds one pipeline: concurrent calls with other samplers' state and other step counts must not step
+    each other's schedules (the multistep solver kept its history on the shared scheduler)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe.set_sampler("dpmsolver++")
+    ref, pose = inputs(batch=1)
+    steps = [3, 5, 7, 4, 6, 8]
+    alone = [run(pipe, ref, pose, num_inference_steps=n) for n in steps]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda n: run(pipe, ref, pose, num_inference_steps=n), steps))
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

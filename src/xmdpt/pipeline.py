@@ -232,23 +232,24 @@ class XMDPTPipeline(DiffusionPipeline):
         C = self.denoiser.config.in_channels
         device = conditions.y.device
         latents = latents.to(device=device, dtype=self.denoiser.dtype)
-        self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        # A scheduler of this call's own: set_timesteps and the multistep solvers keep state, so threads sharing one
+        # pipeline (a server) would otherwise step each other's schedules.
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(settings.num_inference_steps, device=device)
+        latents = latents * scheduler.init_noise_sigma
         # As diffusers' pipelines do: only the stochastic schedulers take a generator (UniPC's step() refuses one).
-        step_kwargs = (
-            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        )
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         # Which steps are guided, decided once from the schedule (no device sync per step).
         interval = settings.guidance_interval
         scales = [
             settings.guidance_scale if interval is None or interval[0] <= t <= interval[1] else 1.0
-            for t in self.scheduler.timesteps.tolist()
+            for t in scheduler.timesteps.tolist()
         ]
-        timesteps = self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps
+        timesteps = self.progress_bar(scheduler.timesteps) if progress else scheduler.timesteps
         for t, scale in zip(timesteps, scales, strict=True):
-            model_input = self.scheduler.scale_model_input(latents, t)
+            model_input = scheduler.scale_model_input(latents, t)
             out = self.guided_prediction(model_input, t, conditions, scale, settings.guidance_power)
-            latents = self.scheduler.step(self._sampler_input(out, C), t, latents, **step_kwargs).prev_sample
+            latents = scheduler.step(self._sampler_input(out, C), t, latents, **step_kwargs).prev_sample
         return latents
 
     @torch.no_grad()
@@ -311,9 +312,8 @@ class XMDPTPipeline(DiffusionPipeline):
         """Tensors in, tensors out, with resolved settings: the reference (B, 3, H, W) in [-1, 1], the rendered pose
         (B, 3, H, W) in [0, 1] and the initial noise (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]."""
         if settings.sampler != sampler_name(self.scheduler):
-            raise ValueError(
-                f"the settings are for the {settings.sampler} sampler, this pipeline has {self.scheduler}"
-            )
+            have = sampler_name(self.scheduler)
+            raise ValueError(f"the settings are for the {settings.sampler} sampler, this pipeline has {have}")
         device = self._execution_device
         reference_image, pose_image = reference_image.to(device), pose_image.to(device)
         self._check_inputs(reference_image, pose_image)
