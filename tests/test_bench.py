@@ -54,3 +54,15 @@ def test_public_schedule_computes_the_same_function(bench, setting):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         assert len(calls) - ours_calls == 2 * ours_calls  # the public schedule also runs the reference tokens
     hook.remove()
+
+
+def test_pipeline_benchmark_times_every_stage_of_a_real_image():
+    """bench/pipeline.py (full-size stages with random weights) runs end to end in its tiny mode."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "pipeline.py"
+    done = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("pose encoder", "reference encoder", "VAE decode"):
+        assert stage.lower() in done.stdout.lower(), done.stdout
