@@ -293,6 +293,7 @@ def test_evaluation_guides_with_the_models_interval_and_records_it(synth, model_
         record = json.loads((tmp_path / out / "generated" / "generation.json").read_text())
         assert record["guidance_interval"] == interval and record["guidance_scale"] == 2.0
         assert record["sampler"] == "ddim" and record["num_inference_steps"] == 2 and record["guidance_power"] == 0.01
+        assert record["precision"] == "fp32"
 
 
 def test_an_evaluation_size_the_masks_do_not_have_is_refused_before_generating(synth, model_dir, tmp_path, capsys):

@@ -340,3 +340,20 @@ def test_threads_sharing_one_pipeline_each_get_what_they_get_alone(pipe):
         together = list(pool.map(lambda n: run(pipe, ref, pose, num_inference_steps=n), steps))
     for a, b in zip(alone, together, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_precision_is_a_sampling_setting(pipe, monkeypatch):
+    """bf16 autocast runs the whole call (encoders, loop, VAE) when asked, and "auto" picks it only on hardware with
+    native bf16 matrix units."""
+    import xmdpt.pipeline as pipeline_module
+
+    ref, pose = inputs()
+    fp32, bf16 = run(pipe, ref, pose), run(pipe, ref, pose, precision="bf16")
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert not torch.equal(fp32, bf16) and (fp32 - bf16).abs().mean() < 0.05
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(pipeline_module, "native_bf16", lambda device, native=native: native)
+        assert pipe.sampling_settings(precision="auto").precision == expected
+    with pytest.raises(InputError, match="precision"):
+        pipe.sampling_settings(precision="int8")
+    assert pipe.sampling_settings().precision == "fp32"  # the default: unchanged models sample as before

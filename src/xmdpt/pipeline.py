@@ -40,10 +40,10 @@ from xmdpt.inputs import Fit, ImageInput, PoseInput, PoseReader, prepare_inputs
 from xmdpt.models.xmdpt import XMDPT, Conditions
 from xmdpt.pose.extract import PoseExtractor
 from xmdpt.schedulers import PublicDDIMScheduler
-from xmdpt.settings import SAMPLERS, SamplingSettings
+from xmdpt.settings import SAMPLERS, SamplingSettings, native_bf16
 
 # The pipeline's own sampling defaults: its config, saved in model_index.json.
-SAMPLING_DEFAULTS = ("num_inference_steps", "guidance_scale", "guidance_interval", "guidance_power")
+SAMPLING_DEFAULTS = ("num_inference_steps", "guidance_scale", "guidance_interval", "guidance_power", "precision")
 
 
 def make_sampling_scheduler(
@@ -110,6 +110,7 @@ class XMDPTPipeline(DiffusionPipeline):
         guidance_scale: float = 2.0,
         guidance_interval: list[float] | None = None,
         guidance_power: float = 0.01,
+        precision: str = "fp32",
     ):
         super().__init__()
         self.register_modules(
@@ -124,6 +125,7 @@ class XMDPTPipeline(DiffusionPipeline):
             guidance_scale=guidance_scale,
             guidance_interval=guidance_interval,
             guidance_power=guidance_power,
+            precision=precision,
         )
 
     @property
@@ -138,7 +140,10 @@ class XMDPTPipeline(DiffusionPipeline):
         unknown = set(overrides) - set(SAMPLING_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown sampling settings: {', '.join(sorted(unknown))}")
-        chosen = {k: self.config[k] for k in SAMPLING_DEFAULTS} | {k: v for k, v in overrides.items() if v is not None}
+        defaults = {k: self.config[k] for k in SAMPLING_DEFAULTS if k in self.config}  # older folders: no precision
+        chosen = defaults | {k: v for k, v in overrides.items() if v is not None}
+        if chosen.get("precision") == "auto":
+            chosen["precision"] = "bf16" if native_bf16(self._execution_device) else "fp32"
         return SamplingSettings(sampler=sampler_name(self.scheduler), **chosen)
 
     def set_sampling_defaults(self, **settings) -> None:
@@ -249,7 +254,8 @@ class XMDPTPipeline(DiffusionPipeline):
         for t, scale in zip(timesteps, scales, strict=True):
             model_input = scheduler.scale_model_input(latents, t)
             out = self.guided_prediction(model_input, t, conditions, scale, settings.guidance_power)
-            latents = scheduler.step(self._sampler_input(out, C), t, latents, **step_kwargs).prev_sample
+            out = self._sampler_input(out.float(), C)  # the solver's arithmetic in fp32 whatever the precision
+            latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
         return latents
 
     @torch.no_grad()
@@ -261,6 +267,7 @@ class XMDPTPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         guidance_power: float | None = None,
+        precision: str | None = None,
         seed: int | Sequence[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -289,6 +296,7 @@ class XMDPTPipeline(DiffusionPipeline):
             guidance_scale=guidance_scale,
             guidance_interval=guidance_interval,
             guidance_power=guidance_power,
+            precision=precision,
         )
         for name, value in (("reference_image", reference_image), ("target_pose", target_pose)):
             if isinstance(value, list | tuple) and not value:
@@ -317,8 +325,11 @@ class XMDPTPipeline(DiffusionPipeline):
         device = self._execution_device
         reference_image, pose_image = reference_image.to(device), pose_image.to(device)
         self._check_inputs(reference_image, pose_image)
-        conditions = self.encode_conditions(reference_image, pose_image)
-        return self.codec.decode(self.denoise(conditions, settings, latents, generator, progress))
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            conditions = self.encode_conditions(reference_image, pose_image)
+            images = self.codec.decode(self.denoise(conditions, settings, latents, generator, progress))
+        return images.float()
 
     def _initial_noise(self, batch: int, seed, generator, latents) -> tuple[torch.Tensor, object]:
         if seed is not None:

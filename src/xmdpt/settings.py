@@ -16,6 +16,9 @@ PUBLISHED_VAE = "stabilityai/sd-vae-ft-mse"
 PUBLISHED_POSE_ENCODER = "facebook/dinov2-base"
 PUBLISHED_REFERENCE_ENCODER = "facebook/dinov2-giant"
 PUBLISHED_SAMPLING = dict(num_inference_steps=50, guidance_scale=2.0, guidance_interval=None, guidance_power=0.01)
+# Precision of sampling: fp32, bf16 or fp16 autocast, or "auto": bf16 where the hardware has native bf16 matrix
+# units (AMX or AVX512-BF16 CPUs, CUDA compute capability 8.0 and above), fp32 elsewhere.
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 # The samplers `XMDPTPipeline.set_sampler` knows by name (any other diffusers scheduler swaps in by `from_config`).
 SAMPLERS = ("ddim", "ddim-public", "dpmsolver++", "ddpm")
 
@@ -35,6 +38,23 @@ def check_guidance_interval(
     if not 0 <= lo <= hi <= num_train_timesteps:
         raise InputError(f"guidance_interval=({lo:g}, {hi:g}) must satisfy 0 <= lo <= hi <= {num_train_timesteps}")
     return lo, hi
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` has native bf16 matrix units: a CUDA GPU of compute capability 8.0 or above, or a CPU with
+    AMX or AVX512-BF16 (read from /proc/cpuinfo; elsewhere, no)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def parse_guidance_interval(text: str) -> tuple[float, float]:
@@ -63,6 +83,7 @@ class SamplingSettings:
     guidance_scale: float
     guidance_interval: tuple[float, float] | None  # guide only at timesteps in [lo, hi]; None: at every step
     guidance_power: float  # the public code's power-cosine ramp of the guidance scale
+    precision: str = "fp32"  # one of PRECISIONS; `XMDPTPipeline.sampling_settings` resolves "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_inference_steps, bool) or not 1 <= self.num_inference_steps <= NUM_TRAIN_TIMESTEPS:
@@ -71,6 +92,8 @@ class SamplingSettings:
             if not math.isfinite(getattr(self, name)):
                 raise InputError(f"{name}={getattr(self, name)} must be a finite number")
         object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
     def as_dict(self) -> dict:
         out = asdict(self)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from xmdpt.cli.generate import PrecisionOption
 from xmdpt.errors import InputError
 
 
@@ -18,6 +19,7 @@ def demo(
     steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps; default: the model's.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed of the pair choice and of the sampler.")] = 0,
     out: Annotated[Path, typer.Option(help="The grid image to write.")] = Path("xmdpt-demo.png"),
+    dtype: PrecisionOption = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda...; default: cuda if present.")] = None,
 ) -> None:
     """Re-pose held-out synthetic people; write a grid (reference | target pose | generated | ground truth) and
@@ -31,7 +33,8 @@ def demo(
     if synth is None:
         raise InputError(f"{model}: no {INFO_FILE} with the synthetic set it was trained on; the demo needs one")
     pipe = load_pipeline(model, device, notice=False)  # the demo shows exactly what it was trained on
-    result = run_demo(pipe, synth, pipe.sampling_settings(num_inference_steps=steps), num_pairs=num_pairs, seed=seed)
+    settings = pipe.sampling_settings(num_inference_steps=steps, precision=None if dtype is None else dtype.value)
+    result = run_demo(pipe, synth, settings, num_pairs=num_pairs, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.grid.save(out)
     typer.echo(f"{'SSIM':>6} {'PSNR':>8}  held-out pair (reference -> target)")

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from xmdpt.cli.generate import GuidanceIntervalOption, GuidanceOption, Sampler, StepsOption
+from xmdpt.cli.generate import GuidanceIntervalOption, GuidanceOption, PrecisionOption, Sampler, StepsOption
 
 
 class EvalLayout(str, Enum):
@@ -38,7 +38,7 @@ def evaluate(
         int, typer.Option(min=0, max=2**63 - 1, help="Seed; each pair's noise comes from (seed, its file name).")
     ] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Pairs per forward pass (and per scoring batch).")] = 8,
-    bf16: Annotated[bool, typer.Option(help="Sample under bf16 autocast, as the published models ran.")] = False,
+    dtype: PrecisionOption = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N test pairs (a smoke run).")] = None,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader workers for reading images.")] = 0,
     generated: Annotated[
@@ -87,7 +87,7 @@ def evaluate(
         sampler=None if sampler is None else sampler.value,
         seed=seed,
         batch_size=batch_size,
-        bf16=bf16,
+        precision=None if dtype is None else dtype.value,
         limit=limit,
         workers=workers,
         generated=generated,

@@ -24,17 +24,22 @@ import typer
 
 from xmdpt.errors import InputError, require_file
 from xmdpt.examples import example_pose_names, example_pose_path, pose_argument
-from xmdpt.settings import SAMPLERS
+from xmdpt.settings import PRECISIONS, SAMPLERS
 
 log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 Sampler = Enum("Sampler", {name: name for name in SAMPLERS}, type=str)
+Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)
 FitChoice = Enum("FitChoice", {name: name for name in ("pad", "crop", "stretch")}, type=str)
 # The sampling options that `generate` and `evaluate` share; each defaults to the model's own setting.
 StepsOption = Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps; default: the model's.")]
 GuidanceOption = Annotated[float | None, typer.Option(help="Guidance scale; default: the model's.")]
+PrecisionOption = Annotated[
+    Precision | None,
+    typer.Option("--dtype", help="fp32, bf16, fp16, or auto: bf16 on AMX or AVX512-BF16 CPUs and Ampere+ GPUs."),
+]
 GuidanceIntervalOption = Annotated[
     str | None, typer.Option(help="Guide only at timesteps LO,HI (e.g. 200,800), or 'all'; default: the model's.")
 ]
@@ -133,6 +138,7 @@ def generate(
     steps: StepsOption = None,
     guidance: GuidanceOption = None,
     guidance_interval: GuidanceIntervalOption = None,
+    dtype: PrecisionOption = None,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Random seed (batch line i uses seed + i).")] = 0,
     sampler: Annotated[Sampler | None, typer.Option(help="The sampler; default: the model's.")] = None,
     fit: Annotated[FitChoice, typer.Option(help="Bring photos to the model's frame.")] = FitChoice.pad,
@@ -173,7 +179,12 @@ def generate(
     pipe = load_pipeline(model, device, notice=False)
     if sampler is not None:
         pipe.set_sampler(sampler.value)
-    settings = pipe.sampling_settings(num_inference_steps=steps, guidance_scale=guidance, guidance_interval=interval)
+    settings = pipe.sampling_settings(
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        guidance_interval=interval,
+        precision=None if dtype is None else dtype.value,
+    )
     for message in problems:
         typer.echo(f"error: {message}", err=True)
     failed = len(problems)

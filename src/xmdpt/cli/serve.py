@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from xmdpt.cli.generate import PrecisionOption
 from xmdpt.errors import InputError
 
 
@@ -17,6 +18,7 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 7860,
     model: Annotated[str | None, typer.Option(help="Pipeline folder or Hub id; default: the embedded model.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda...; default: cuda if present.")] = None,
+    dtype: PrecisionOption = None,
     steps: Annotated[
         int | None, typer.Option(min=1, max=200, help="Initial sampling steps; default: the model's.")
     ] = None,
@@ -35,6 +37,8 @@ def serve(
 
     pipe = load_pipeline(model, device)
     pipe.set_progress_bar_config(disable=False)
+    if dtype is not None:
+        pipe.set_sampling_defaults(precision=dtype.value)
     launch(
         Reposer(
             pipe,

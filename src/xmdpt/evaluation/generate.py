@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -158,13 +157,12 @@ class GenerationSettings:
     seed: int
     image_size: tuple[int, int]  # evaluation size (height, width)
     model_size: tuple[int, int]  # the model's own resolution
-    bf16: bool = False
     protocol: str = PROTOCOL_VERSION
 
     def as_dict(self) -> dict:
         out = {"model": self.model, **self.sampling.as_dict(), "seed": self.seed}
         out |= {"image_size": format_size(self.image_size), "model_size": format_size(self.model_size)}
-        return out | {"bf16": self.bf16, "protocol": self.protocol}
+        return out | {"protocol": self.protocol}
 
 
 @dataclass(frozen=True)
@@ -224,22 +222,20 @@ def generate_test_set(
     jobs = [
         Job(pair.name, pair_seed(settings.seed, pair.name), partial(_model_inputs, dataset, pair)) for pair in todo
     ]
-    autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16) if settings.bf16 else contextlib.nullcontext()
-    with autocast:
-        results = generate_batches(
-            pipe,
-            jobs,
-            settings.sampling,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress and rank == 0,
-            description=f"generate [{rank}]",
-        )
-        for result in results:
-            if result.error is not None:  # the protocol scores every test pair: a bad one stops the run
-                raise InputError(f"{result.job.name}: {result.error}")
-            image = model_output_to_uint8(result.image[None].float(), settings.image_size)[0]
-            write_png_atomic(image, out_dir / result.job.name)
+    results = generate_batches(
+        pipe,
+        jobs,
+        settings.sampling,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress and rank == 0,
+        description=f"generate [{rank}]",
+    )
+    for result in results:
+        if result.error is not None:  # the protocol scores every test pair: a bad one stops the run
+            raise InputError(f"{result.job.name}: {result.error}")
+        image = model_output_to_uint8(result.image[None].float(), settings.image_size)[0]
+        write_png_atomic(image, out_dir / result.job.name)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return GenerationSummary(written=len(todo), skipped=len(share) - len(todo), share=len(share))

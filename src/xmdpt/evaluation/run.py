@@ -72,7 +72,7 @@ class EvalConfig:
     sampler: str | None = None
     seed: int = 0
     batch_size: int = 8
-    bf16: bool = False
+    precision: str | None = None  # fp32, bf16, fp16 or auto; None: the model's
     limit: int | None = None
     workers: int = 0
     generated: Path | None = None  # score this folder instead of generating
@@ -451,7 +451,10 @@ def _generation_settings(config: EvalConfig, pipe, eval_size: tuple[int, int], m
     if config.sampler is not None:
         pipe.set_sampler(config.sampler)
     sampling = pipe.sampling_settings(
-        num_inference_steps=config.steps, guidance_scale=config.guidance, guidance_interval=config.guidance_interval
+        num_inference_steps=config.steps,
+        guidance_scale=config.guidance,
+        guidance_interval=config.guidance_interval,
+        precision=config.precision,
     )
     return GenerationSettings(
         model=model,
@@ -459,5 +462,4 @@ def _generation_settings(config: EvalConfig, pipe, eval_size: tuple[int, int], m
         seed=config.seed,
         image_size=tuple(eval_size),
         model_size=tuple(pipe.image_size),
-        bf16=config.bf16,
     )
