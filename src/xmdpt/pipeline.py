@@ -37,13 +37,16 @@ from diffusers.utils import BaseOutput
 from xmdpt.conditioning import encode_features
 from xmdpt.errors import InputError
 from xmdpt.inputs import Fit, ImageInput, PoseInput, PoseReader, prepare_inputs
+from xmdpt.models.cache import FeatureCache, make_feature_cache
 from xmdpt.models.xmdpt import XMDPT, Conditions
 from xmdpt.pose.extract import PoseExtractor
 from xmdpt.schedulers import PublicDDIMScheduler
 from xmdpt.settings import SAMPLERS, SamplingSettings, native_bf16
 
 # The pipeline's own sampling defaults: its config, saved in model_index.json.
-SAMPLING_DEFAULTS = ("num_inference_steps", "guidance_scale", "guidance_interval", "guidance_power", "precision")
+SAMPLING_DEFAULTS = (
+    "num_inference_steps", "guidance_scale", "guidance_interval", "guidance_power", "precision", "cache"
+)  # fmt: skip
 
 
 def make_sampling_scheduler(
@@ -111,6 +114,7 @@ class XMDPTPipeline(DiffusionPipeline):
         guidance_interval: list[float] | None = None,
         guidance_power: float = 0.01,
         precision: str = "fp32",
+        cache: str = "none",
     ):
         super().__init__()
         self.register_modules(
@@ -126,6 +130,7 @@ class XMDPTPipeline(DiffusionPipeline):
             guidance_interval=guidance_interval,
             guidance_power=guidance_power,
             precision=precision,
+            cache=cache,
         )
 
     @property
@@ -210,15 +215,21 @@ class XMDPTPipeline(DiffusionPipeline):
         return output[:, :channels]
 
     def guided_prediction(
-        self, latents: torch.Tensor, t: torch.Tensor, conditions: Conditions, guidance_scale: float, power: float
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        conditions: Conditions,
+        guidance_scale: float,
+        power: float,
+        cache: FeatureCache | None = None,
     ) -> torch.Tensor:
         """One batched forward for the conditional and unconditional halves (the unconditional model drops y and
         the reference memory; the pose map, when there is one, stays)."""
         B = latents.shape[0]
         if guidance_scale == 1.0:
-            return self.denoiser(latents, t, conditions)
+            return self.denoiser(latents, t, conditions, cache=cache)
         drop = torch.arange(2 * B, device=latents.device) >= B  # the second half is unconditional
-        out = self.denoiser(torch.cat([latents, latents]), t, conditions.repeat(2), drop_condition=drop)
+        out = self.denoiser(torch.cat([latents, latents]), t, conditions.repeat(2), drop_condition=drop, cache=cache)
         cond, uncond = out.chunk(2)
         T = self.scheduler.config.num_train_timesteps
         return uncond + guidance_ramp(guidance_scale, t, T, power).to(out.dtype) * (cond - uncond)
@@ -250,10 +261,12 @@ class XMDPTPipeline(DiffusionPipeline):
             settings.guidance_scale if interval is None or interval[0] <= t <= interval[1] else 1.0
             for t in scheduler.timesteps.tolist()
         ]
+        cache = make_feature_cache(settings.cache)  # this call's own, like the scheduler
         timesteps = self.progress_bar(scheduler.timesteps) if progress else scheduler.timesteps
-        for t, scale in zip(timesteps, scales, strict=True):
+        for index, (t, scale) in enumerate(zip(timesteps, scales, strict=True)):
+            cache.begin_step(index, len(scales))
             model_input = scheduler.scale_model_input(latents, t)
-            out = self.guided_prediction(model_input, t, conditions, scale, settings.guidance_power)
+            out = self.guided_prediction(model_input, t, conditions, scale, settings.guidance_power, cache)
             out = self._sampler_input(out.float(), C)  # the solver's arithmetic in fp32 whatever the precision
             latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
         return latents
@@ -268,6 +281,7 @@ class XMDPTPipeline(DiffusionPipeline):
         guidance_interval: tuple[float, float] | None = None,
         guidance_power: float | None = None,
         precision: str | None = None,
+        cache: str | None = None,
         seed: int | Sequence[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -284,7 +298,8 @@ class XMDPTPipeline(DiffusionPipeline):
         Images and poses are brought to `self.image_size` by `fit` ("pad", "crop" or "stretch"), the pose in the same
         frame; tensors must already be at that size. One reference with several poses is used for each pose.
         The sampling settings default to the pipeline's own (`self.config`); (0, 1000) as the guidance interval
-        guides every step. `seed`: an int seeds the whole batch's noise, a list one seed per image (each image then
+        guides every step; `cache` ("none", "fora:N", "teacache:D") reuses the blocks' work across steps (see
+        `xmdpt.models.cache`). `seed`: an int seeds the whole batch's noise, a list one seed per image (each image then
         is what it would be alone); or pass a `generator` and/or the initial `latents`. `pose_extractor` (a
         `PoseExtractor`, left open) saves opening MediaPipe per call for driving photos.
         Returns PIL images, or with output_type="pt" a tensor (B, 3, H, W) in [-1, 1].
@@ -297,6 +312,7 @@ class XMDPTPipeline(DiffusionPipeline):
             guidance_interval=guidance_interval,
             guidance_power=guidance_power,
             precision=precision,
+            cache=cache,
         )
         for name, value in (("reference_image", reference_image), ("target_pose", target_pose)):
             if isinstance(value, list | tuple) and not value:

@@ -19,6 +19,11 @@ PUBLISHED_SAMPLING = dict(num_inference_steps=50, guidance_scale=2.0, guidance_i
 # Precision of sampling: fp32, bf16 or fp16 autocast, or "auto": bf16 where the hardware has native bf16 matrix
 # units (AMX or AVX512-BF16 CPUs, CUDA compute capability 8.0 and above), fp32 elsewhere.
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+# Training-free feature caching across sampling steps (see xmdpt.models.cache): "none"; "fora:N", FORA's static
+# reuse of every block's attention and MLP outputs for N - 1 steps after each full step (Selvaraju et al. 2024);
+# "teacache:D", TeaCache's adaptive skip of the whole block stack while the accumulated relative change of the
+# timestep-modulated input stays under D (Liu et al. 2024).
+CACHE_METHODS = ("none", "fora", "teacache")
 # The samplers `XMDPTPipeline.set_sampler` knows by name (any other diffusers scheduler swaps in by `from_config`).
 SAMPLERS = ("ddim", "ddim-public", "dpmsolver++", "ddpm")
 
@@ -57,6 +62,27 @@ def native_bf16(device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def parse_cache(text: str) -> tuple[str, float]:
+    """A feature-cache setting "none", "fora:N" (N a whole number >= 1) or "teacache:D" (0 <= D <= 10) -> (method,
+    parameter), checked; "fora:1" and "teacache:0" cache nothing and give the uncached result."""
+    if not isinstance(text, str):
+        raise InputError(f"cache={text!r} must be a string: none, fora:N or teacache:D")
+    method, _, value = text.strip().lower().partition(":")
+    if method == "none" and not value:
+        return "none", 0.0
+    if method not in CACHE_METHODS[1:] or not value:
+        raise InputError(f"cache={text!r}: give none, fora:N (e.g. fora:2) or teacache:D (e.g. teacache:0.1)")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if method == "fora" and not (number.is_integer() and 1 <= number <= NUM_TRAIN_TIMESTEPS):
+        raise InputError(f"cache={text!r}: FORA's interval N must be a whole number of steps in [1, 1000]")
+    if method == "teacache" and not 0 <= number <= 10:
+        raise InputError(f"cache={text!r}: TeaCache's threshold D must be a number in [0, 10]")
+    return method, number
+
+
 def parse_guidance_interval(text: str) -> tuple[float, float]:
     """The command line's spelling: "LO,HI" -> (lo, hi); "all" -> (0, T), which guides every step."""
     if text.strip().lower() == "all":
@@ -84,6 +110,7 @@ class SamplingSettings:
     guidance_interval: tuple[float, float] | None  # guide only at timesteps in [lo, hi]; None: at every step
     guidance_power: float  # the public code's power-cosine ramp of the guidance scale
     precision: str = "fp32"  # one of PRECISIONS; `XMDPTPipeline.sampling_settings` resolves "auto"
+    cache: str = "none"  # feature caching across steps: "none", "fora:N" or "teacache:D" (see `parse_cache`)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_inference_steps, bool) or not 1 <= self.num_inference_steps <= NUM_TRAIN_TIMESTEPS:
@@ -94,6 +121,8 @@ class SamplingSettings:
         object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
         if self.precision not in PRECISIONS:
             raise InputError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        method, value = parse_cache(self.cache)  # normalised spelling: "fora:2", "teacache:0.1"
+        object.__setattr__(self, "cache", method if method == "none" else f"{method}:{value:g}")
 
     def as_dict(self) -> dict:
         out = asdict(self)

@@ -11,7 +11,10 @@ and 64x44 (512x352) latents all work.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+
+if TYPE_CHECKING:
+    from xmdpt.models.cache import FeatureCache
 
 #################################################################################
 #                                    Helpers                                    #
@@ -76,6 +82,11 @@ def random_masking(
     num_keep = int(num_tokens * (1 - mask_ratio))
     noise = torch.rand(batch_size, num_tokens, generator=generator, device=device)
     return torch.argsort(noise, dim=1)[:, :num_keep]
+
+
+def _compute(name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A block layer's output without a feature cache: computed."""
+    return compute()
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -251,16 +262,24 @@ class XMDPTBlock(nn.Module):
         ids_keep: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         memory_gate: torch.Tensor | None = None,
+        layer: Callable[[str, Callable[[], torch.Tensor]], torch.Tensor] = _compute,
     ) -> torch.Tensor:
         """memory: (B, M, D) reference tokens for blocks built with cross_attention; memory_gate: (B, 1, 1), 0 where
-        the condition is dropped (the unconditional model of guidance sees no reference)."""
+        the condition is dropped (the unconditional model of guidance sees no reference). layer(name, compute): how
+        each layer's output is had, computed or reused (FORA; see `xmdpt.models.cache`)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
+        attn = layer("attn", lambda: self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep))
+        x = x + gate_msa.unsqueeze(1) * attn  # (B, N or K, D)
         if memory is not None:
-            cross = self.cross_attn(self.norm_cross(x), memory)  # (B, N or K, D)
+            cross = layer("cross", lambda: self.cross_attn(self.norm_cross(x), memory))  # (B, N or K, D)
             x = x + (cross if memory_gate is None else memory_gate * cross)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp.unsqueeze(1) * layer("mlp", lambda: self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x  # (B, N or K, D)
+
+    def modulated_input(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The timestep-modulated input of self-attention (B, N, D): what TeaCache watches change between steps."""
+        shift_msa, scale_msa = self.adaLN_modulation(c).chunk(6, dim=1)[:2]
+        return modulate(self.norm1(x), shift_msa, scale_msa)
 
 
 class XMDPTCrossBlock(nn.Module):
@@ -641,12 +660,15 @@ class XMDPT(ModelMixin, ConfigMixin):
         conditions: Conditions,
         drop_condition: torch.Tensor | None = None,
         ids_keep: torch.Tensor | None = None,
+        cache: FeatureCache | None = None,
     ) -> torch.Tensor:
         """Predict (B, out_channels, H, W) from the noisy latent `sample` (B, C, H, W) at `timestep` (B,) or ().
 
         drop_condition: (B,) bool, True where y and the reference memory are dropped: the unconditional model of
             classifier-free guidance (the pose map stays, as in PIDM). The objective draws it (p = 0.1).
         ids_keep: (B, K) kept token indices from `random_masking`: the masked pass of training.
+        cache: a sampling call's feature cache (`xmdpt.models.cache`), which may reuse the blocks' work of earlier
+            steps: the whole stack's residual (TeaCache) or each layer's output (FORA).
         """
         x = self.embed_latent(sample)  # (B, N, D)
         if self.pose_embedder is not None:
@@ -660,12 +682,23 @@ class XMDPT(ModelMixin, ConfigMixin):
         if masked:  # mask cross-prediction: the first `split` blocks see the kept tokens only
             x = gather_tokens(x, ids_keep)  # (B, K, D)
             context = self.reference_context(conditions.reference_tokens, c)  # (B, N, D)
-        for i, block in enumerate(self.blocks):
-            if i == split and masked:
-                x = self.interpolater(x, c, ids_keep, context, self.decoder_pos_embed)  # (B, N, D)
-            elif i == split:
-                x = x + self.decoder_pos_embed
-            x = block(x, c, ids_keep if masked and i < split else None, memory, gate)  # (B, K or N, D)
+        if cache is not None and masked:
+            raise ValueError("a feature cache is for sampling; the masked pass is training's")
+        if cache is not None and cache.skip_blocks(self.blocks[0].modulated_input(x, c)):
+            x = cache.residual(x)  # (B, N, D) TeaCache: the stack's residual from the last full step
+        else:
+            x_in = x
+            for i, block in enumerate(self.blocks):
+                if i == split and masked:
+                    x = self.interpolater(x, c, ids_keep, context, self.decoder_pos_embed)  # (B, N, D)
+                elif i == split:
+                    x = x + self.decoder_pos_embed
+                keep = ids_keep if masked and i < split else None
+                x = block(
+                    x, c, keep, memory, gate, _compute if cache is None else partial(cache.layer, i)
+                )  # (B, K or N, D)
+            if cache is not None:
+                cache.store_residual(x_in, x)
         x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
         return x if self.refiner is None else self.refiner(x, sample, c)  # (B, C_out, H, W)
 
