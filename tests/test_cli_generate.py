@@ -162,6 +162,10 @@ def bad_case(files, name):
             ["--reference", ref, "--pose", pose, "--out", out, "--guidance-interval", "200"],
             "--guidance-interval '200': give two timesteps",
         ),
+        "cache unknown": (
+            ["--reference", ref, "--pose", pose, "--out", out, "--cache", "fora:0"],
+            "cache='fora:0': FORA's interval N must be a whole number",
+        ),
         "output is a folder": (["--reference", ref, "--pose", pose, "--out", str(files / "d.png")], "is a folder"),
         "output under a file": (
             ["--reference", ref, "--pose", pose, "--out", str(files / "pose1.json" / "o.png")],
@@ -183,7 +187,7 @@ def bad_case(files, name):
     ["missing reference", "missing pose", "unreadable image", "pose of wrong shape", "model not ours",
      "model folder missing", "unknown sampler", "bad output suffix", "no pose", "pairs without header",
      "guidance not a number", "too many steps", "guidance interval reversed", "guidance interval not two numbers",
-     "output is a folder", "output under a file", "zero-size pose frame",
+     "cache unknown", "output is a folder", "output under a file", "zero-size pose frame",
      "device that computes nothing"],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_code_2(files, capsys, name):
@@ -260,6 +264,10 @@ def test_guidance_interval_comes_from_the_model_and_the_command_line(files, mode
     np.testing.assert_array_equal(pixels(files / "model.png"), pixels(middle))
     main([*base, "--out", str(files / "all.png"), "--guidance", "4", "--guidance-interval", "all"])
     np.testing.assert_array_equal(pixels(files / "all.png"), pixels(every))
+    main(
+        [*base, "--out", str(files / "fora.png"), "--guidance", "4", "--guidance-interval", "all", "--cache", "fora:2"]
+    )
+    assert not np.array_equal(pixels(files / "fora.png"), pixels(every))  # the cache reached the sampler
     index.write_text(json.dumps({**config, "guidance_interval": [900, 100]}))
     with pytest.raises(InputError, match="guidance_interval"):
         load_pipeline()

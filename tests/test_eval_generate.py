@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,6 +147,14 @@ def test_other_settings_are_refused_in_a_used_folder(synth, tmp_path) -> None:
     generate_test_set(pipe, eval_set, tmp_path / "run", settings(), progress=False)
     with pytest.raises(InputError, match=r"num_inference_steps 2 there, 3 now"):
         generate_test_set(pipe, eval_set, tmp_path / "run", settings(steps=3), progress=False)
+    sampling = SamplingSettings("ddim", 2, 2.0, None, 0.01, cache="fora:2")
+    with pytest.raises(InputError, match=r"cache 'none' there, 'fora:2' now"):
+        generate_test_set(pipe, eval_set, tmp_path / "run", settings(sampling=sampling), progress=False)
+    # A folder recorded before precision and the cache were settings was made at their defaults: it resumes.
+    record = tmp_path / "run" / GENERATION_FILE
+    old = {k: v for k, v in json.loads(record.read_text()).items() if k not in ("precision", "cache")}
+    record.write_text(json.dumps(old))
+    assert generate_test_set(pipe, eval_set, tmp_path / "run", settings(), progress=False).written == 0
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     Image.fromarray(np.zeros((*MODEL_SIZE, 3), np.uint8)).save(foreign / "x.png")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from xmdpt.cli.generate import PrecisionOption
+from xmdpt.cli.generate import CacheOption, PrecisionOption
 from xmdpt.errors import InputError
 
 
@@ -20,6 +20,7 @@ def demo(
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed of the pair choice and of the sampler.")] = 0,
     out: Annotated[Path, typer.Option(help="The grid image to write.")] = Path("xmdpt-demo.png"),
     dtype: PrecisionOption = None,
+    cache: CacheOption = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda...; default: cuda if present.")] = None,
 ) -> None:
     """Re-pose held-out synthetic people; write a grid (reference | target pose | generated | ground truth) and
@@ -33,7 +34,8 @@ def demo(
     if synth is None:
         raise InputError(f"{model}: no {INFO_FILE} with the synthetic set it was trained on; the demo needs one")
     pipe = load_pipeline(model, device, notice=False)  # the demo shows exactly what it was trained on
-    settings = pipe.sampling_settings(num_inference_steps=steps, precision=None if dtype is None else dtype.value)
+    precision = None if dtype is None else dtype.value
+    settings = pipe.sampling_settings(num_inference_steps=steps, precision=precision, cache=cache)
     result = run_demo(pipe, synth, settings, num_pairs=num_pairs, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.grid.save(out)

@@ -12,7 +12,14 @@ from typing import Annotated
 
 import typer
 
-from xmdpt.cli.generate import GuidanceIntervalOption, GuidanceOption, PrecisionOption, Sampler, StepsOption
+from xmdpt.cli.generate import (
+    CacheOption,
+    GuidanceIntervalOption,
+    GuidanceOption,
+    PrecisionOption,
+    Sampler,
+    StepsOption,
+)
 
 
 class EvalLayout(str, Enum):
@@ -39,6 +46,7 @@ def evaluate(
     ] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Pairs per forward pass (and per scoring batch).")] = 8,
     dtype: PrecisionOption = None,
+    cache: CacheOption = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N test pairs (a smoke run).")] = None,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader workers for reading images.")] = 0,
     generated: Annotated[
@@ -88,6 +96,7 @@ def evaluate(
         seed=seed,
         batch_size=batch_size,
         precision=None if dtype is None else dtype.value,
+        cache=cache,
         limit=limit,
         workers=workers,
         generated=generated,

@@ -40,6 +40,25 @@ PrecisionOption = Annotated[
     Precision | None,
     typer.Option("--dtype", help="fp32, bf16, fp16, or auto: bf16 on AMX or AVX512-BF16 CPUs and Ampere+ GPUs."),
 ]
+
+
+def _checked_cache(value: str | None) -> str | None:
+    """--cache checked before any model loads."""
+    from xmdpt.settings import parse_cache
+
+    if value is not None:
+        parse_cache(value)
+    return value
+
+
+CacheOption = Annotated[
+    str | None,
+    typer.Option(
+        callback=_checked_cache,
+        help="Reuse the blocks' work across steps: none, fora:N (e.g. fora:2) or teacache:D (e.g. teacache:0.1); "
+        "default: the model's.",
+    ),
+]
 GuidanceIntervalOption = Annotated[
     str | None, typer.Option(help="Guide only at timesteps LO,HI (e.g. 200,800), or 'all'; default: the model's.")
 ]
@@ -139,6 +158,7 @@ def generate(
     guidance: GuidanceOption = None,
     guidance_interval: GuidanceIntervalOption = None,
     dtype: PrecisionOption = None,
+    cache: CacheOption = None,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Random seed (batch line i uses seed + i).")] = 0,
     sampler: Annotated[Sampler | None, typer.Option(help="The sampler; default: the model's.")] = None,
     fit: Annotated[FitChoice, typer.Option(help="Bring photos to the model's frame.")] = FitChoice.pad,
@@ -184,6 +204,7 @@ def generate(
         guidance_scale=guidance,
         guidance_interval=interval,
         precision=None if dtype is None else dtype.value,
+        cache=cache,
     )
     for message in problems:
         typer.echo(f"error: {message}", err=True)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from xmdpt.cli.generate import PrecisionOption
+from xmdpt.cli.generate import CacheOption, PrecisionOption
 from xmdpt.errors import InputError
 
 
@@ -19,6 +19,7 @@ def serve(
     model: Annotated[str | None, typer.Option(help="Pipeline folder or Hub id; default: the embedded model.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda...; default: cuda if present.")] = None,
     dtype: PrecisionOption = None,
+    cache: CacheOption = None,
     steps: Annotated[
         int | None, typer.Option(min=1, max=200, help="Initial sampling steps; default: the model's.")
     ] = None,
@@ -39,6 +40,8 @@ def serve(
     pipe.set_progress_bar_config(disable=False)
     if dtype is not None:
         pipe.set_sampling_defaults(precision=dtype.value)
+    if cache is not None:
+        pipe.set_sampling_defaults(cache=cache)
     launch(
         Reposer(
             pipe,

@@ -148,6 +148,10 @@ def _pair_paths(dataset: PairDataset, reference: str, target: str, where: str) -
 # ------------------------------------------------------------------------------------------------------ generation
 
 
+# Settings recorded since generation.json first existed, with the value every earlier run had.
+ADDED_SETTINGS = {"precision": "fp32", "cache": "none"}
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """What determines the generated images; recorded in generation.json and checked on resume."""
@@ -259,6 +263,7 @@ def _claim_folder(out_dir: Path, settings: GenerationSettings, *, write: bool) -
             found = json.loads(record.read_text())
         except (OSError, ValueError) as error:
             raise InputError(f"{record} cannot be read ({error}); delete it or use another folder") from error
+        found = ADDED_SETTINGS | found  # a folder recorded before a setting existed was made at its default
         differences = [
             f"{key} {found.get(key)!r} there, {value!r} now"
             for key, value in wanted.items()

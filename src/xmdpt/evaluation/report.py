@@ -222,7 +222,8 @@ def _run_lines(run_info: dict, result: EvaluationResult) -> list[str]:
         f"- model: `{generation.get('model', 'not recorded (scored an existing folder)')}`",
         f"- sampler: {generation.get('sampler', '?')}, {generation.get('steps', '?')} steps, "
         f"guidance {generation.get('guidance', '?')}, seed {generation.get('seed', '?')}"
-        + (f", {generation['precision']} autocast" if generation.get("precision", "fp32") != "fp32" else ""),
+        + (f", {generation['precision']} autocast" if generation.get("precision", "fp32") != "fp32" else "")
+        + (f", feature cache {generation['cache']}" if generation.get("cache", "none") != "none" else ""),
         f"- sizes: evaluated at {result.image_size[0]}x{result.image_size[1]}"
         + (f", model output {generation['model_size']}" if generation.get("model_size") else ""),
         f"- pairs: {pairs}",

@@ -73,6 +73,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 8
     precision: str | None = None  # fp32, bf16, fp16 or auto; None: the model's
+    cache: str | None = None  # none, fora:N or teacache:D; None: the model's
     limit: int | None = None
     workers: int = 0
     generated: Path | None = None  # score this folder instead of generating
@@ -455,6 +456,7 @@ def _generation_settings(config: EvalConfig, pipe, eval_size: tuple[int, int], m
         guidance_scale=config.guidance,
         guidance_interval=config.guidance_interval,
         precision=config.precision,
+        cache=config.cache,
     )
     return GenerationSettings(
         model=model,
