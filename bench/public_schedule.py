@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from xmdpt.models.cache import FeatureCache
 from xmdpt.models.xmdpt import XMDPT, Conditions
 from xmdpt.pipeline import XMDPTPipeline, guidance_ramp
 
@@ -38,7 +39,11 @@ class PublicSchedulePipeline(XMDPTPipeline):
     def encode_conditions(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> Conditions:
         return self.conditions_from(self.encode_inputs(reference_image, pose_image))
 
-    def guided_prediction(self, latents, t, conditions, guidance_scale, power):
+    reference_cache_size = 0  # the public code encodes every image it is given
+
+    def guided_prediction(self, latents, t, conditions, guidance_scale, power, cache=None):
+        if cache is not None and type(cache) is not FeatureCache:
+            raise ValueError("the public schedule has no feature cache: sample it with cache='none'")
         model, B = self.denoiser, latents.shape[0]
 
         def one_pass(dropped: bool) -> torch.Tensor:

@@ -23,9 +23,12 @@ Turning photos, paths, keypoint files and driving photos into the model's tensor
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import PIL.Image
@@ -34,7 +37,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 from diffusers.utils import BaseOutput
 
 # Imported here also because diffusers loads saved components only from modules already imported.
-from xmdpt.conditioning import encode_features
+from xmdpt.conditioning import encode_reference
 from xmdpt.errors import InputError
 from xmdpt.inputs import Fit, ImageInput, PoseInput, PoseReader, prepare_inputs
 from xmdpt.models.cache import FeatureCache, make_feature_cache
@@ -96,11 +99,69 @@ def sampler_name(scheduler) -> str:
     return names.get(type(scheduler), type(scheduler).__name__)
 
 
+class ReferenceEncodings:
+    """What a reference image alone decides, its reference-encoder features and its latent, for the last `capacity`
+    images seen, keyed by the image's content: one reference asked in several poses (a list of poses, a batch CSV
+    that repeats it, a web page's repeated requests with the same photo) runs DINOv2 and the VAE encoder once. The
+    key also holds the autocast precision and the weights' in-place version counters, so a changed precision or
+    encoder (say, weights loaded into it) encodes anew. Thread-safe; `capacity=0` turns it off."""
+
+    def __init__(self, capacity: int = 16):
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    @staticmethod
+    def _context(images: torch.Tensor, modules: Sequence[torch.nn.Module]) -> bytes:
+        device = images.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        versions = [(id(m), sum(p._version for p in m.parameters())) for m in modules if m is not None]
+        return repr((str(images.device), str(autocast), str(images.dtype), tuple(images.shape[1:]), versions)).encode()
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        modules: Sequence[torch.nn.Module] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode(images)` (features (B, ...), latents (B, ...)), each distinct image of the batch encoded at most
+        once and not at all when it is held; `modules` are those whose weights `encode` uses."""
+        if self.capacity == 0:
+            return encode(images)
+        context = self._context(images, modules)
+        keys = [hashlib.sha256(context + image.contiguous().cpu().numpy().tobytes()).hexdigest() for image in images]
+        with self._lock:
+            held = {k: self._entries[k] for k in keys if k in self._entries}
+            for k in held:
+                self._entries.move_to_end(k)
+        todo = list(dict.fromkeys(k for k in keys if k not in held))  # distinct, in order
+        self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
+        if todo:
+            first = {k: keys.index(k) for k in todo}
+            features, latents = encode(images[[first[k] for k in todo]])
+            held |= {k: (features[i], latents[i]) for i, k in enumerate(todo)}
+            with self._lock:
+                for k in todo if self.capacity else []:
+                    self._entries[k] = held[k]
+                    self._entries.move_to_end(k)
+                while len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)
+        return torch.stack([held[k][0] for k in keys]), torch.stack([held[k][1] for k in keys])
+
+
 class XMDPTPipeline(DiffusionPipeline):
     """Re-pose a reference person: `pipe(reference, pose).images`. The keyword arguments after the components are the
     sampling defaults, saved with the pipeline (see the module docstring)."""
 
     model_cpu_offload_seq = "reference_encoder->pose_encoder->codec->denoiser"
+    reference_cache_size = 16  # references whose encodings are kept (see `ReferenceEncodings`); 0: none
 
     def __init__(
         self,
@@ -124,6 +185,7 @@ class XMDPTPipeline(DiffusionPipeline):
             reference_encoder=reference_encoder,
             scheduler=scheduler,
         )
+        self.reference_encodings = ReferenceEncodings(self.reference_cache_size)
         self.set_sampling_defaults(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -181,10 +243,15 @@ class XMDPTPipeline(DiffusionPipeline):
         """The frozen encoders' side: (pose features, reference features, reference latent (the posterior mean),
         pose image or None) from the reference (B, 3, H, W) in [-1, 1] and the rendered pose (B, 3, H, W) in [0, 1]:
         the arguments of `XMDPT.encode_conditions`."""
-        features = encode_features(self.pose_encoder, self.reference_encoder, reference_image, pose_image)
-        reference_latent = self.codec.encode(reference_image).to(self.denoiser.dtype)
+        modules = (self.reference_encoder, self.codec)
+        reference_features, reference_latent = self.reference_encodings(
+            reference_image, self._encode_references, modules
+        )
         pose = pose_image.to(self.denoiser.dtype) if self.denoiser.pose_embedder is not None else None
-        return (*features, reference_latent, pose)
+        return self.pose_encoder(pose_image), reference_features, reference_latent.to(self.denoiser.dtype), pose
+
+    def _encode_references(self, reference_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_reference(self.reference_encoder, reference_image), self.codec.encode(reference_image)
 
     @torch.no_grad()
     def encode_conditions(self, reference_image: torch.Tensor, pose_image: torch.Tensor) -> Conditions:

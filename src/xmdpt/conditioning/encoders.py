@@ -226,4 +226,9 @@ def encode_features(
     """The two encoders' token features: (pose (B, T_p, W_p), reference (B, T_r, W_r)) from the rendered target
     pose (B, 3, H, W) in [0, 1] and the reference image (B, 3, H, W) in [-1, 1]. The one place that says which image
     goes to which encoder in which range: sampling, training and the feature cache call it."""
-    return pose_encoder(pose_image), reference_encoder((reference_image + 1) / 2)
+    return pose_encoder(pose_image), encode_reference(reference_encoder, reference_image)
+
+
+def encode_reference(reference_encoder: torch.nn.Module, reference_image: torch.Tensor) -> torch.Tensor:
+    """The reference encoder's features (B, T_r, W_r) of reference images (B, 3, H, W) in [-1, 1] (fed in [0, 1])."""
+    return reference_encoder((reference_image + 1) / 2)
