@@ -744,3 +744,55 @@ def test_skipping_non_finite_steps_stops_when_they_never_end(synth_root, tmp_pat
     with pytest.raises(NonFiniteLoss, match="5 steps in a row.*step_00000002"):
         trainer.train()
     assert trainer.step == 3 and trainer.skipped_nan == 5
+
+
+# ---- training speed-ups -----------------------------------------------------------------------------------------
+
+
+def test_routed_self_aligned_run_saves_its_projector_resumes_exactly_and_exports_the_plain_model(synth_root, tmp_path):
+    """Self-alignment's projector is training state: in model/ema.safetensors and the optimizer, restored on resume
+    (a resumed run equals the straight one bit for bit), never in the exported pipeline."""
+    from xmdpt.training.trainer import train
+
+    extra = [
+        "model.depth=3",
+        "objective.route_ratio=0.5",
+        "objective.self_align_weight=0.5",
+        "objective.self_align_blocks=[0,1]",
+        "objective.align_width=16",
+        "run.checkpoint_every=2",
+    ]
+    train(load_config(None, overrides(synth_root, tmp_path / "straight", "optim.max_steps=4", *extra)))
+    train(load_config(None, overrides(synth_root, tmp_path / "resumed", "optim.max_steps=2", *extra)))
+    train(load_config(None, overrides(synth_root, tmp_path / "resumed", "optim.max_steps=4", *extra)), resume=True)
+    straight = weights(tmp_path / "straight")
+    assert "alignment.self.projector.0.weight" in straight
+    assert "module.alignment.self.projector.0.weight" in ema_at(tmp_path / "straight", 4)
+    assert_same_tensors(straight, weights(tmp_path / "resumed"))
+    pipe = XMDPTPipeline.from_pretrained(tmp_path / "straight" / "checkpoints" / "step_00000004" / "pipeline")
+    plain = tmp_path / "plain"
+    train(load_config(None, overrides(synth_root, plain, "optim.max_steps=1", "model.depth=3")))
+    plain_pipe = XMDPTPipeline.from_pretrained(plain / "checkpoints" / "step_00000001" / "pipeline")
+    config_of = lambda run, step: (run / "checkpoints" / step / "pipeline" / "denoiser" / "config.json").read_text()  # noqa: E731
+    assert config_of(tmp_path / "straight", "step_00000004") == config_of(plain, "step_00000001")
+    assert pipe.denoiser.state_dict().keys() == plain_pipe.denoiser.state_dict().keys()
+    # A run started from that checkpoint without alignment takes the denoiser and leaves the projector behind.
+    started = tmp_path / "started"
+    init = f"model.init_from={tmp_path / 'straight' / 'checkpoints' / 'step_00000004'}"
+    train(load_config(None, overrides(synth_root, started, "optim.max_steps=1", "model.depth=3", init)))
+    assert not any(k.startswith("alignment.") for k in weights(started))
+
+
+def test_repa_trains_on_the_frozen_encoders_target_features_with_and_without_the_cache(synth_root, tmp_path, tiny_hub):
+    from xmdpt.training.trainer import Trainer
+
+    common = [*published_setup(tiny_hub), "objective.repa_weight=0.5", "objective.repa_block=0"]
+    common += ["objective.align_width=16", "data.scale=0"]
+    config = load_config(None, [*overrides(synth_root, tmp_path / "plain", "optim.max_steps=1"), *common])
+    assert Trainer(config).train().step == 1
+    cached = [*common, "data.cache_features=true", f"data.cache_dir={tmp_path / 'cache'}"]
+    trainer = Trainer(load_config(None, [*overrides(synth_root, tmp_path / "cached", "optim.max_steps=1"), *cached]))
+    item = trainer.dataset[0]
+    assert item["target_features"].shape == item["reference_features"].shape  # the target's, from the cache
+    assert trainer.train().step == 1
+    assert "alignment.repa.projector.0.weight" in weights(tmp_path / "cached")

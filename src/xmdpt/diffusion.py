@@ -3,22 +3,27 @@
 loss = loss(full pass) + loss(masked pass) (paper Eq. 7, equal weights), each over the whole latent, where
 loss(pass) = MSE(prediction, target) + L_vb, the learned-range variational term of Improved DDPM (Nichol & Dhariwal
 2021, Eq. 16) computed on a detached mean so that it trains only the variance. Beyond the paper, small image terms
-(`TextureTerm`, `PaletteTerm`) can be composed in, EDM-style. The scheduler owns the noise math
+(`TextureTerm`, `PaletteTerm`) can be composed in, EDM-style. Training speed-ups, each off by default: token routing
+(TREAD, Krause et al. 2025: a random subset of tokens skips a span of blocks), and representation alignment of a
+block's tokens, to a frozen encoder's features of the clean target (`RepaTerm`, REPA, Yu et al. 2024) or to the EMA
+model's deeper tokens at lower noise (`SelfAlignmentTerm`, SRA, Jiang et al. 2025). The scheduler owns the noise math
 (betas, add_noise, velocity); this module owns the masking and the loss.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from xmdpt.conditioning.encoders import neighbour_differences
-from xmdpt.models.xmdpt import XMDPT, Conditions, random_masking
+from xmdpt.models.xmdpt import XMDPT, Conditions, TokenRoute, gather_tokens, random_masking
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -128,16 +133,14 @@ class LossDraws:
     drop_masked: torch.Tensor  # (B,) bool: ... in the masked pass
     ids_keep: torch.Tensor | None  # (B, K) kept tokens of the masked pass
     noise_masked: torch.Tensor | None = None  # (B, C, H, W) of the masked pass: its own draw, as published
+    # Token routing: positions in each pass's token sequence (of N, or of the K kept tokens) that run through the
+    # routed span; the others skip it. None when routing is off.
+    route_full: torch.Tensor | None = None  # (B, R) of N
+    route_masked: torch.Tensor | None = None  # (B, R') of K
+    teacher_timesteps: torch.Tensor | None = None  # (B,) int64, self-alignment's lower noise level for the EMA
 
     def __getitem__(self, index: slice) -> LossDraws:
-        return LossDraws(
-            self.timesteps[index],
-            self.noise[index],
-            self.drop_full[index],
-            self.drop_masked[index],
-            None if self.ids_keep is None else self.ids_keep[index],
-            None if self.noise_masked is None else self.noise_masked[index],
-        )
+        return LossDraws(*(None if v is None else v[index] for v in vars(self).values()))
 
     def to(self, device) -> LossDraws:
         return LossDraws(*(None if v is None else v.to(device) for v in vars(self).values()))
@@ -149,6 +152,7 @@ class LossOutput:
     full: torch.Tensor  # per-sample loss of the full pass (B,)
     masked: torch.Tensor | None  # per-sample loss of the masked pass (B,), None without it
     timesteps: torch.Tensor  # (B,)
+    alignment: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample weighted alignment terms (B,)
 
 
 class ImageTerm:
@@ -191,6 +195,147 @@ class PaletteTerm(ImageTerm):
         return local_covariance(images)
 
 
+#################################################################################
+#                  Training speed-ups: token routing, alignment                 #
+#################################################################################
+
+
+def route_span(route_blocks: Sequence[int] | None, depth: int, decode_layers: int) -> tuple[int, int]:
+    """The blocks [start, end) that routed tokens skip. They must lie within the first split = depth - decode_layers
+    blocks: the masked pass runs those on its kept tokens and the side-interpolater puts the dropped ones back at
+    block `split`, so every token is reinserted by then (in both passes, one rule). None: TREAD's choice, from the
+    third block (the first two see every token) to `split`, as far as the model is deep."""
+    split = depth - decode_layers
+    if route_blocks is None:
+        if split < 1:
+            raise ValueError(f"no block to route around: depth {depth} - decode_layers {decode_layers} = 0")
+        return min(2, split - 1), split
+    if len(route_blocks) != 2 or any(isinstance(b, bool) or int(b) != b for b in route_blocks):
+        raise ValueError(f"route_blocks must be [start, end], two block indices, got {list(route_blocks)}")
+    start, end = (int(b) for b in route_blocks)
+    if not 0 <= start < end <= split:
+        raise ValueError(
+            f"route_blocks=[{start}, {end}] must satisfy 0 <= start < end <= depth - decode_layers = {split} "
+            "(routed tokens rejoin before the side-interpolater)"
+        )
+    return start, end
+
+
+def patch_features_on_grid(features: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """A ViT's tokens (B, 1 + g * g, F) (class token first, DINOv2's 16x16 patches for a 224 input) -> (B, h * w, F)
+    on the denoiser's (h, w) token grid, bilinearly: the encoder saw the image resized to a square, so its grid
+    covers the same image as ours, only sampled differently."""
+    B, T, F_ = features.shape
+    side = math.isqrt(T - 1)
+    if side * side != T - 1:
+        raise ValueError(f"expected a class token and a square patch grid, got {T} tokens")
+    patches = features[:, 1:].transpose(1, 2).reshape(B, F_, side, side).float()  # (B, F, g, g)
+    patches = F.interpolate(patches, size=grid_size, mode="bilinear", align_corners=False)  # (B, F, h, w)
+    return patches.flatten(2).transpose(1, 2)  # (B, h * w, F)
+
+
+class AlignmentTerm(nn.Module):
+    """weight x (-cosine similarity) between a block's tokens, through a small trainable MLP, and target tokens,
+    per token, averaged (REPA Eq. 3). The projector trains with the model and is saved in training checkpoints (the
+    trainer's `alignment` module); it is not part of the denoiser, so a saved pipeline does not know it existed."""
+
+    name = "alignment"
+
+    def __init__(self, weight: float, block: int, hidden_size: int, target_dim: int, width: int = 2048):
+        super().__init__()
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"{type(self).__name__} weight must be a finite number > 0, got {weight}")
+        if block < 0 or width < 1:
+            raise ValueError(f"block={block} must be >= 0 and width={width} >= 1")
+        self.weight, self.block = weight, block
+        # REPA's projector: three linear layers with SiLU, `width` wide (2048 in REPA).
+        self.projector = nn.Sequential(
+            nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, target_dim)
+        )
+
+    def forward(self, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """tokens (B, n, D), target (B, n, F) -> per-sample loss (B,)."""
+        projected = self.projector(tokens).float()  # (B, n, F)
+        similarity = F.cosine_similarity(projected, target.float().detach(), dim=-1)  # (B, n)
+        return -self.weight * similarity.mean(dim=1)
+
+
+class RepaTerm(AlignmentTerm):
+    """REPA: block `block`'s tokens of the full pass against the frozen encoder's patch features of the clean target
+    image (`patch_features_on_grid`): for real-scale configs DINOv2, the reference encoder's features, which the
+    feature cache already holds for every image."""
+
+    name = "repa"
+
+
+class SelfAlignmentTerm(AlignmentTerm):
+    """SRA: block `block`'s tokens of the full pass at noise t against the EMA model's block `teacher_block` tokens
+    (a deeper block) at a lower noise t' = t - u, u uniform in [0, gap] (SRA's t_max = 0.2 of the schedule: 200 of
+    T = 1000), on the same noise and conditions. No external encoder: the form for the synthetic set."""
+
+    name = "self"
+
+    def __init__(self, weight: float, block: int, teacher_block: int, gap: int, hidden_size: int, width: int = 2048):
+        super().__init__(weight, block, hidden_size, hidden_size, width)
+        if teacher_block <= block or gap < 1:
+            raise ValueError(f"teacher_block={teacher_block} must be > block={block} and gap={gap} >= 1")
+        self.teacher_block, self.gap = teacher_block, gap
+
+
+@dataclass
+class AlignmentInputs:
+    """What the alignment terms align to, beside the model's own tokens."""
+
+    target_features: torch.Tensor | None = None  # (B, T, F) the frozen encoder's tokens of the clean target (REPA)
+    teacher: XMDPT | None = None  # the EMA model (self-alignment)
+    teacher_conditions: Conditions | None = None  # its conditions of the batch
+
+
+class _Captured(Exception):
+    """Raised by a hook once the teacher's block of interest has run: the blocks after it are not needed."""
+
+
+@contextmanager
+def block_outputs(model: XMDPT, blocks: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Collects the outputs (B, n, D) of `model.blocks[i]` for i in `blocks` during the forward passes inside."""
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [
+        model.blocks[i].register_forward_hook(lambda module, args, out, i=i: outputs.__setitem__(i, out))
+        for i in sorted(set(blocks))
+    ]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def teacher_tokens(
+    teacher: XMDPT,
+    block: int,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    conditions: Conditions,
+    drop_condition: torch.Tensor | None,
+) -> torch.Tensor:
+    """The teacher's block `block` output (B, N, D) on all tokens, without running the blocks after it."""
+
+    def stop(module, args, out):
+        captured.append(out)
+        raise _Captured
+
+    captured: list[torch.Tensor] = []
+    handle = teacher.blocks[block].register_forward_hook(stop)
+    try:
+        teacher(sample, timestep, conditions, drop_condition=drop_condition)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 class XMDPTLoss:
     """Full pass + masked pass, each MSE + learned-range L_vb (+ any image terms).
 
@@ -202,6 +347,11 @@ class XMDPTLoss:
     image_terms: `TextureTerm`, `PaletteTerm` (beyond the paper; none as published), composed by the config.
     decode: latents (B, C, H, W) -> images (B, 3, H', W'), differentiable (the codec's `decode`); needed by image
         terms.
+    route_ratio: token routing (TREAD, beyond the paper; 0 = off, as published): in both passes this fraction of the
+        pass's tokens skips the blocks `route_blocks` = [start, end) and rejoins, unchanged, before block `end`
+        (see `route_span`, which also says what None means). Training only: sampling runs every token.
+    alignment_terms: `RepaTerm`, `SelfAlignmentTerm` (beyond the paper; none as published) on the full pass's
+        tokens; their projectors are modules the trainer trains and saves with the denoiser.
     """
 
     def __init__(
@@ -211,10 +361,25 @@ class XMDPTLoss:
         condition_dropout: float = 0.1,
         image_terms: Sequence[ImageTerm] = (),
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        route_ratio: float = 0.0,
+        route_blocks: Sequence[int] | None = None,
+        alignment_terms: Sequence[AlignmentTerm] = (),
     ):
         self.scheduler = scheduler or make_train_scheduler()
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+        if not 0 <= route_ratio < 1:
+            raise ValueError(f"route_ratio must lie in [0, 1), got {route_ratio}")
+        if route_blocks is not None and route_ratio == 0:
+            raise ValueError("route_blocks without a route_ratio > 0 would do nothing")
+        names = [term.name for term in alignment_terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"one alignment term of each kind, got {names}")
+        self.route_ratio = route_ratio
+        self.route_blocks = None if route_blocks is None else tuple(route_blocks)
+        if route_blocks is not None:
+            route_span(route_blocks, 10**9, 0)  # the form; the model's depth is checked per call
+        self.alignment_terms = tuple(alignment_terms)
         if not 0 <= condition_dropout <= 1:
             raise ValueError(f"condition_dropout must lie in [0, 1], got {condition_dropout}")
         if image_terms and decode is None:
@@ -323,6 +488,16 @@ class XMDPTLoss:
             ids_keep=random_masking(B, num_tokens, self.mask_ratio, generator) if masked else None,
         )
         draws.noise_masked = torch.randn(latent_shape, generator=generator) if masked else None
+        # The additions draw after everything published, so that with them off every draw is what it was.
+        if self.route_ratio > 0:
+            draws.route_full = random_masking(B, num_tokens, self.route_ratio, generator)
+            if masked:
+                kept = draws.ids_keep.shape[1]
+                draws.route_masked = random_masking(B, kept, self.route_ratio, generator)
+        for term in self.alignment_terms:
+            if isinstance(term, SelfAlignmentTerm):
+                lower = torch.randint(0, term.gap + 1, (B,), generator=generator)
+                draws.teacher_timesteps = (draws.timesteps - lower).clamp(min=0)
         return draws
 
     def __call__(
@@ -332,29 +507,84 @@ class XMDPTLoss:
         conditions: Conditions,
         generator: torch.Generator | None = None,
         draws: LossDraws | None = None,
+        alignment: AlignmentInputs | None = None,
     ) -> LossOutput:
         """One training loss on clean target latents (B, C, H, W) and their `conditions` (from
         `model.encode_conditions`, with gradient: the aggregation network trains through both passes).
 
         Both passes see the same t; the noise and the condition dropout are drawn for each pass, as published. `draws`
-        (from `draw`) fixes the randomness; otherwise it is drawn from `generator`.
+        (from `draw`) fixes the randomness; otherwise it is drawn from `generator`. `alignment`: the targets of the
+        alignment terms (the frozen encoder's features of the target, the EMA teacher), when there are any.
         """
         if draws is None:
             draws = self.draw(tuple(latents.shape), model.num_tokens, generator)
         draws = draws.to(latents.device)
+        span = self.span(model) if self.route_ratio > 0 else None
         t, noise = draws.timesteps, draws.noise.to(latents.dtype)
         x_t = self.scheduler.add_noise(latents, noise, t)
         # The image terms' targets are decoded once per step, not once per pass (an SD-VAE decode is not cheap).
         targets = self.target_statistics(latents) if self.image_terms else None
-        output = model(x_t, t, conditions, drop_condition=draws.drop_full)
+        with block_outputs(model, [term.block for term in self.alignment_terms]) as tokens:
+            output = model(x_t, t, conditions, drop_condition=draws.drop_full, **self.routing(draws.route_full, span))
         full = self.pass_loss(output, latents, noise, x_t, t, targets)
+        aligned = {}
+        if self.alignment_terms:
+            aligned = self.alignment_losses(model, tokens, latents, noise, draws, alignment, span)
         masked = None
         if draws.ids_keep is not None:
             noise = noise if draws.noise_masked is None else draws.noise_masked.to(latents.dtype)
             x_t = self.scheduler.add_noise(latents, noise, t)
-            output = model(x_t, t, conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep)
+            route = self.routing(draws.route_masked, span)
+            output = model(x_t, t, conditions, drop_condition=draws.drop_masked, ids_keep=draws.ids_keep, **route)
             masked = self.pass_loss(output, latents, noise, x_t, t, targets)
         total = full.mean() + (masked.mean() if masked is not None else 0.0)
+        for value in aligned.values():
+            total = total + value.mean()
         return LossOutput(
-            loss=total, full=full.detach(), masked=None if masked is None else masked.detach(), timesteps=t
+            loss=total,
+            full=full.detach(),
+            masked=None if masked is None else masked.detach(),
+            timesteps=t,
+            alignment={name: value.detach() for name, value in aligned.items()},
         )
+
+    def span(self, model: XMDPT) -> tuple[int, int]:
+        return route_span(self.route_blocks, model.config.depth, model.config.decode_layers)
+
+    @staticmethod
+    def routing(ids: torch.Tensor | None, span: tuple[int, int] | None) -> dict:
+        """The model's `route` keyword for one pass; none at all without routing, so that any denoiser with the
+        published signature (the public schedule's, in bench/) still trains."""
+        return {} if ids is None or span is None else {"route": TokenRoute(ids, *span)}
+
+    def alignment_losses(
+        self,
+        model: XMDPT,
+        tokens: dict[int, torch.Tensor],
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        draws: LossDraws,
+        inputs: AlignmentInputs | None,
+        span: tuple[int, int] | None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample loss of each alignment term on the full pass's block tokens `tokens` (B, N or R, D); a block
+        inside the routed span saw only the routed tokens, so the targets are taken at those positions."""
+        inputs = inputs or AlignmentInputs()
+        losses = {}
+        for term in self.alignment_terms:
+            if isinstance(term, RepaTerm):
+                if inputs.target_features is None:
+                    raise ValueError("the REPA term needs the frozen encoder's features of the target image")
+                target = patch_features_on_grid(inputs.target_features, model.grid_size)  # (B, N, F)
+            else:
+                if inputs.teacher is None or inputs.teacher_conditions is None or draws.teacher_timesteps is None:
+                    raise ValueError("the self-alignment term needs the EMA teacher, its conditions and its draws")
+                lower = draws.teacher_timesteps
+                x_lower = self.scheduler.add_noise(latents, noise, lower)
+                target = teacher_tokens(
+                    inputs.teacher, term.teacher_block, x_lower, lower, inputs.teacher_conditions, draws.drop_full
+                )  # (B, N, D)
+            if span is not None and span[0] <= term.block < span[1]:
+                target = gather_tokens(target, draws.route_full)  # (B, R, F)
+            losses[term.name] = term(tokens[term.block], target)
+        return losses

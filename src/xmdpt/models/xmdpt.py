@@ -94,6 +94,22 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def scatter_tokens(x: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """x with x[b, ids[b]] = tokens[b]: (B, N, D), (B, K), (B, K, D) -> (B, N, D); gather_tokens' inverse."""
+    return x.scatter(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]), tokens.to(x.dtype))
+
+
+@dataclass
+class TokenRoute:
+    """Token routing (TREAD, Krause et al. 2025; training only): the tokens at `ids` (B, R), positions in the pass's
+    token sequence (of N, or of the masked pass's K kept tokens), run blocks [start, end); the others skip those
+    blocks and rejoin, unchanged, before block `end`. No parameters: sampling runs every token through every block."""
+
+    ids: torch.Tensor  # (B, R)
+    start: int
+    end: int
+
+
 #################################################################################
 #                               Embedding layers                                #
 #################################################################################
@@ -661,6 +677,7 @@ class XMDPT(ModelMixin, ConfigMixin):
         drop_condition: torch.Tensor | None = None,
         ids_keep: torch.Tensor | None = None,
         cache: FeatureCache | None = None,
+        route: TokenRoute | None = None,
     ) -> torch.Tensor:
         """Predict (B, out_channels, H, W) from the noisy latent `sample` (B, C, H, W) at `timestep` (B,) or ().
 
@@ -669,6 +686,7 @@ class XMDPT(ModelMixin, ConfigMixin):
         ids_keep: (B, K) kept token indices from `random_masking`: the masked pass of training.
         cache: a sampling call's feature cache (`xmdpt.models.cache`), which may reuse the blocks' work of earlier
             steps: the whole stack's residual (TeaCache) or each layer's output (FORA).
+        route: token routing of training (`TokenRoute`): blocks route.start .. route.end - 1 see only route.ids.
         """
         x = self.embed_latent(sample)  # (B, N, D)
         if self.pose_embedder is not None:
@@ -682,18 +700,29 @@ class XMDPT(ModelMixin, ConfigMixin):
         if masked:  # mask cross-prediction: the first `split` blocks see the kept tokens only
             x = gather_tokens(x, ids_keep)  # (B, K, D)
             context = self.reference_context(conditions.reference_tokens, c)  # (B, N, D)
-        if cache is not None and masked:
-            raise ValueError("a feature cache is for sampling; the masked pass is training's")
+        if cache is not None and (masked or route is not None):
+            raise ValueError("a feature cache is for sampling; the masked pass and token routing are training's")
+        if route is not None and not 0 <= route.start < route.end <= split:
+            raise ValueError(f"a token route over blocks [{route.start}, {route.end}) must end by block {split}")
         if cache is not None and cache.skip_blocks(self.blocks[0].modulated_input(x, c)):
             x = cache.residual(x)  # (B, N, D) TeaCache: the stack's residual from the last full step
         else:
             x_in = x
+            skipped = routed = None  # token routing: all tokens as the span starts; the routed ones' grid positions
             for i, block in enumerate(self.blocks):
+                if route is not None and i == route.end:  # the routed tokens rejoin the ones that skipped the span
+                    x = scatter_tokens(skipped, route.ids, x)  # (B, K or N, D)
                 if i == split and masked:
                     x = self.interpolater(x, c, ids_keep, context, self.decoder_pos_embed)  # (B, N, D)
                 elif i == split:
                     x = x + self.decoder_pos_embed
                 keep = ids_keep if masked and i < split else None
+                if route is not None and i == route.start:
+                    skipped, x = x, gather_tokens(x, route.ids)  # (B, R, D)
+                    # The relative position bias needs the routed tokens' positions on the grid.
+                    routed = route.ids if keep is None else torch.gather(keep, 1, route.ids)  # (B, R)
+                if route is not None and route.start <= i < route.end:
+                    keep = routed
                 x = block(
                     x, c, keep, memory, gate, _compute if cache is None else partial(cache.layer, i)
                 )  # (B, K or N, D)

@@ -120,9 +120,17 @@ def ensure_synthetic(config: TrainConfig) -> None:
     generate(d.root, synth)
 
 
-def build_objective(config: TrainConfig, codec: nn.Module):
-    """The training objective with the image terms the config switches on (none as published)."""
-    from xmdpt.diffusion import PaletteTerm, TextureTerm, XMDPTLoss, make_train_scheduler
+def build_objective(config: TrainConfig, codec: nn.Module, denoiser: XMDPT, reference_encoder: nn.Module):
+    """The training objective with the terms and speed-ups the config switches on (none as published). The
+    alignment terms' projectors are sized for `denoiser` and, for REPA, for `reference_encoder`'s features."""
+    from xmdpt.diffusion import (
+        PaletteTerm,
+        RepaTerm,
+        SelfAlignmentTerm,
+        TextureTerm,
+        XMDPTLoss,
+        make_train_scheduler,
+    )
 
     o = config.objective
     terms = []
@@ -130,10 +138,22 @@ def build_objective(config: TrainConfig, codec: nn.Module):
         terms.append(TextureTerm(o.texture_weight, tuple(o.texture_lags)))
     if o.palette_weight > 0:
         terms.append(PaletteTerm(o.palette_weight))
+    hidden = denoiser.config.hidden_size
+    alignment = []
+    if o.repa_weight > 0:
+        alignment.append(RepaTerm(o.repa_weight, o.repa_block, hidden, reference_encoder.feature_dim, o.align_width))
+    if o.self_align_weight > 0:
+        student, teacher = o.self_align_blocks
+        alignment.append(
+            SelfAlignmentTerm(o.self_align_weight, student, teacher, o.self_align_gap, hidden, o.align_width)
+        )
     return XMDPTLoss(
         make_train_scheduler(o.prediction_type, config.model.learn_sigma),
         mask_ratio=o.mask_ratio,
         condition_dropout=o.condition_dropout,
         image_terms=terms,
         decode=codec.decode,
+        route_ratio=o.route_ratio,
+        route_blocks=o.route_blocks,
+        alignment_terms=alignment,
     )

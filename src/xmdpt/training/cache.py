@@ -104,10 +104,11 @@ def posterior(codec, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class CachedPairs(Dataset):
     """Training pairs served from the cache: the same source choice, swap and flip as the image data set."""
 
-    def __init__(self, dataset: PairDataset, folder: Path):
+    def __init__(self, dataset: PairDataset, folder: Path, target_features: bool = False):
+        """target_features: also serve the target image's reference-encoder features (REPA's targets)."""
         if dataset.augment.scale > 0:
             raise InputError("the feature cache cannot hold the random scale augmentation: set data.scale=0")
-        self.dataset, self.folder = dataset, folder
+        self.dataset, self.folder, self.target_features = dataset, folder, target_features
         names = json.loads((folder / "names.json").read_text())
         self.index = {name: i // SHARD for i, name in enumerate(names)}
         self._open: dict[int, object] = {}  # lazily opened shards: a tensor is read alone, not its whole shard
@@ -134,7 +135,7 @@ class CachedPairs(Dataset):
             names.reverse()
         flip = aug.flip and bool(torch.rand(()) < 0.5)
         reference, target = self.entry(names[0], flip), self.entry(names[1], flip)
-        return {
+        item = {
             "reference_latent": reference["mean"],
             "reference_latent_std": reference["std"],
             "reference_features": reference["reference_features"],
@@ -142,3 +143,6 @@ class CachedPairs(Dataset):
             "target_latent_std": target["std"],
             "pose_features": target["pose_features"],
         }
+        if self.target_features:  # every image's reference-encoder features are cached: REPA's costs no encoder pass
+            item["target_features"] = target["reference_features"]
+        return item

@@ -78,6 +78,21 @@ class ObjectiveConfig:
     texture_weight: float = 0.0  # beyond the paper: phase-blind detail term on the decoded x0 estimate (XMDPTLoss)
     palette_weight: float = 0.0  # beyond the paper: phase-blind colour-covariance term, the same way (XMDPTLoss)
     texture_lags: list[int] = field(default_factory=lambda: [1])  # the texture term's pixel distances (XMDPTLoss)
+    # Training speed-ups beyond the paper, each off by default (docs/training.md, "Training faster").
+    # Token routing (TREAD): this fraction of each pass's tokens skips blocks [start, end) of route_blocks; null: from
+    # block 2 to depth - decode_layers. Training only; sampling runs every token.
+    route_ratio: float = 0.0
+    route_blocks: Optional[list[int]] = None  # noqa: UP045
+    # REPA: block repa_block's tokens (through a projector) against the reference encoder's (DINOv2) features of the
+    # clean target image; needs conditioning.encoder=dinov2 (with data.cache_features, the cached features)
+    repa_weight: float = 0.0
+    repa_block: int = 3  # 0-based: REPA aligns the 4th of SiT-B's 12 blocks
+    # Self-alignment (SRA): block self_align_blocks[0] against the EMA model's deeper block self_align_blocks[1] at a
+    # noise level lower by up to self_align_gap of the 1000 steps (SRA: 8 -> 20 of 28 blocks, t_max 0.2)
+    self_align_weight: float = 0.0
+    self_align_blocks: list[int] = field(default_factory=lambda: [3, 8])
+    self_align_gap: int = 200
+    align_width: int = 2048  # hidden width of the alignment projectors (REPA: 2048)
 
 
 @dataclass
@@ -251,6 +266,7 @@ def validate(config: TrainConfig) -> None:
             raise InputError(f"objective.{name}={getattr(config.objective, name)} must be a number >= 0")
     if not 0 <= config.objective.mask_ratio < 1:
         raise InputError(f"objective.mask_ratio={config.objective.mask_ratio} must lie in [0, 1)")
+    _validate_speedups(config)
     _in_range(config.objective.condition_dropout, "objective.condition_dropout", 0, 1)
     _in_range(config.data.scale, "data.scale", 0)
     if config.data.num_workers < 0:
@@ -301,3 +317,45 @@ def _validate_model(config: TrainConfig) -> None:
             f"data.size {height}x{width} is not divisible by conditioning.pixel_factor {c.pixel_factor} "
             f"x model.patch_size {m.patch_size}"
         )
+
+
+def _validate_speedups(config: TrainConfig) -> None:
+    """Token routing and the alignment terms against the model they act on (see `xmdpt.diffusion`)."""
+    from xmdpt.diffusion import route_span
+
+    o = config.objective
+    sizes = model_sizes(config.model)
+    depth = sizes.get("depth")
+    if depth is None:  # `_validate_model` names what is missing
+        return
+    decode_layers = min(config.model.decode_layers, depth)
+    if not 0 <= o.route_ratio < 1:
+        raise InputError(f"objective.route_ratio={o.route_ratio} must lie in [0, 1) (0: off)")
+    if o.route_blocks is not None and o.route_ratio == 0:
+        raise InputError("objective.route_blocks is set but objective.route_ratio=0: routing is off")
+    if o.route_ratio > 0:
+        try:
+            route_span(o.route_blocks, depth, decode_layers)
+        except ValueError as err:
+            where = "objective." if str(err).startswith("route_blocks") else "objective.route_ratio > 0: "
+            raise InputError(f"{where}{err} (model depth {depth})") from None
+    for name in ("repa_weight", "self_align_weight"):
+        _in_range(getattr(o, name), f"objective.{name}", 0)
+    if o.repa_weight > 0:
+        if config.conditioning.encoder != "dinov2":
+            raise InputError(
+                "objective.repa_weight > 0 needs a frozen encoder's features: conditioning.encoder=dinov2"
+            )
+        if not 0 <= o.repa_block < depth:
+            raise InputError(f"objective.repa_block={o.repa_block} must lie in [0, depth={depth})")
+    if o.self_align_weight > 0:
+        blocks = o.self_align_blocks
+        if len(blocks) != 2 or not 0 <= blocks[0] < blocks[1] < depth:
+            raise InputError(
+                f"objective.self_align_blocks={blocks} must be [student, teacher] with 0 <= student < teacher < "
+                f"depth={depth}"
+            )
+        if not 1 <= o.self_align_gap <= 999:
+            raise InputError(f"objective.self_align_gap={o.self_align_gap} must lie in [1, 999] (of 1000 steps)")
+    if (o.repa_weight > 0 or o.self_align_weight > 0) and o.align_width < 1:
+        raise InputError(f"objective.align_width={o.align_width} must be >= 1")

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from xmdpt.conditioning import encode_features
 from xmdpt.default_model import write_synthetic_set
-from xmdpt.diffusion import LossDraws
+from xmdpt.diffusion import AlignmentInputs, LossDraws, RepaTerm
 from xmdpt.errors import InputError, describe
 from xmdpt.generation import Job, generate_batches
 from xmdpt.models.xmdpt import rename_legacy_keys
@@ -112,8 +112,9 @@ def draw_seed(seed: int, micro_batch: int) -> int:
 
 
 class TrainStep(nn.Module):
-    """What DDP wraps: the trainable parts (the denoiser and any learned encoders) and the loss. Frozen encoders
-    are kept outside the module tree so that DDP neither broadcasts nor wraps them."""
+    """What DDP wraps: the trainable parts (the denoiser, any learned encoders, the alignment terms' projectors) and
+    the loss. Frozen encoders, and the EMA model that self-alignment learns from, are kept outside the module tree so
+    that DDP neither broadcasts nor wraps them."""
 
     def __init__(self, denoiser: nn.Module, pose_encoder: nn.Module, reference_encoder: nn.Module, objective):
         super().__init__()
@@ -124,14 +125,25 @@ class TrainStep(nn.Module):
                 self.trainable[name] = encoder
             else:
                 self.frozen[name] = encoder
+        if objective.alignment_terms:  # registered last: without them the parameter order is what it was
+            self.trainable["alignment"] = nn.ModuleDict({term.name: term for term in objective.alignment_terms})
         self.objective = objective
+        self.teacher: dict[str, nn.Module] = {}  # {"denoiser": the EMA denoiser}, set by the trainer
 
     def encoder(self, name: str) -> nn.Module:
         return self.trainable[name] if name in self.trainable else self.frozen[name]
 
     def forward(
-        self, target_latents, reference_latent, pose_images, reference_images, draws: LossDraws, features=None
+        self,
+        target_latents,
+        reference_latent,
+        pose_images,
+        reference_images,
+        draws: LossDraws,
+        features=None,
+        target_features=None,
     ):
+        """target_features: the reference encoder's features of the target image, for REPA."""
         if features is None:  # else from the feature cache
             features = encode_features(
                 self.encoder("pose_encoder"), self.encoder("reference_encoder"), reference_images, pose_images
@@ -139,7 +151,16 @@ class TrainStep(nn.Module):
         denoiser = self.trainable["denoiser"]
         pose = pose_images if denoiser.pose_embedder is not None else None
         conditions = denoiser.encode_conditions(*features, reference_latent, pose)  # once for both passes
-        out = self.objective(denoiser, target_latents, conditions, draws=draws)
+        alignment = None
+        if self.objective.alignment_terms:
+            teacher = self.teacher.get("denoiser")
+            teacher_conditions = None
+            if teacher is not None:
+                with torch.no_grad():  # the EMA's own aggregation of the same features
+                    detached = [f.detach() for f in features]
+                    teacher_conditions = teacher.encode_conditions(*detached, reference_latent, pose)
+            alignment = AlignmentInputs(target_features, teacher, teacher_conditions)
+        out = self.objective(denoiser, target_latents, conditions, draws=draws, alignment=alignment)
         zeros = torch.zeros_like(out.full)
         return out.loss, out.full, out.masked if out.masked is not None else zeros
 
@@ -218,13 +239,14 @@ class Trainer:
         self.pose_encoder, self.reference_encoder = build_encoders(config)
         self.codec = build_codec(config).to(acc.device)
         self.denoiser = build_denoiser(config, self.codec, self.pose_encoder, self.reference_encoder)
-        self.objective = build_objective(config, self.codec)
+        self.objective = build_objective(config, self.codec, self.denoiser, self.reference_encoder)
         self.step_module = TrainStep(self.denoiser, self.pose_encoder, self.reference_encoder, self.objective)
         for encoder in self.step_module.frozen.values():
             encoder.to(acc.device)
         if config.model.init_from and not has_run:  # a resumed run has its own weights
             self.initialise_from(Path(config.model.init_from))
         self.ema = AveragedModel(self.step_module.trainable, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay))
+        self.step_module.teacher["denoiser"] = self.ema.module["denoiser"]  # self-alignment's teacher
         self.optimizer = torch.optim.AdamW(
             self.step_module.trainable.parameters(), lr=o.lr, weight_decay=o.weight_decay
         )
@@ -391,8 +413,9 @@ class Trainer:
             mean, std = batch["reference_latent"], batch["reference_latent_std"]
             reference_latent = (mean + std * torch.randn(mean.shape, generator=vae_generator)).to(device)
             features = (batch["pose_features"].to(device), batch["reference_features"].to(device))
+            target_features = batch["target_features"].to(device) if "target_features" in batch else None
             with self.accelerator.autocast():
-                return self.step_module(target_latents, reference_latent, None, None, draws, features)
+                return self.step_module(target_latents, reference_latent, None, None, draws, features, target_features)
         target = batch["target_image"].to(device)
         reference = batch["reference_image"].to(device)
         with torch.no_grad():
@@ -400,9 +423,19 @@ class Trainer:
             # A posterior sample for the reference too, as the public loop encodes both (sampling uses the mean).
             reference_latent = self.codec.encode(reference, sample=True, generator=vae_generator).float()
         with self.accelerator.autocast():
+            target_features = None
+            if self.needs_target_features:  # REPA without the cache: one more frozen encoder pass
+                with torch.no_grad():
+                    encoder = self.accelerator.unwrap_model(self.step_module).encoder("reference_encoder")
+                    target_features = encoder((target + 1) / 2)  # the range `encode_features` feeds it
             return self.step_module(
-                target_latents, reference_latent, batch["target_pose"].to(device), reference, draws
-            )
+                target_latents, reference_latent, batch["target_pose"].to(device), reference, draws, None,
+                target_features,
+            )  # fmt: skip
+
+    @property
+    def needs_target_features(self) -> bool:
+        return any(isinstance(term, RepaTerm) for term in self.objective.alignment_terms)
 
     def feature_cache(self) -> Dataset:
         """Build (once, on the main process) and serve the pre-computed frozen outputs; see `cache.py`."""
@@ -410,7 +443,7 @@ class Trainer:
 
         d, acc = self.config.data, self.accelerator
         step_module = acc.unwrap_model(self.step_module)
-        if step_module.trainable.keys() != {"denoiser"}:
+        if set(step_module.trainable) - {"denoiser", "alignment"}:
             raise InputError("data.cache_features needs frozen encoders (conditioning.encoder=dinov2)")
         if self.denoiser.pose_embedder is not None:
             raise InputError("data.cache_features does not hold the rendered poses that model.pose_map needs")
@@ -420,7 +453,7 @@ class Trainer:
             frozen = step_module.frozen
             build_cache(plain, folder, self.codec, frozen["pose_encoder"], frozen["reference_encoder"])
         acc.wait_for_everyone()
-        return CachedPairs(self.dataset, folder)
+        return CachedPairs(self.dataset, folder, target_features=self.needs_target_features)
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.isfinite(loss.detach()).float().reshape(1)
@@ -582,6 +615,8 @@ class Trainer:
         state = {}
         if (folder / "model_index.json").is_file():
             for name, module in trainable.items():  # the pipeline's components are named as the trainable modules
+                if name == "alignment":  # training's projectors: never in a pipeline
+                    continue
                 try:  # from_pretrained reads any dtype, sharded or .bin weights the way the pipeline loads them
                     saved = type(module).from_pretrained(folder, subfolder=name).state_dict()
                 except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
@@ -597,6 +632,8 @@ class Trainer:
                 first = str(err).splitlines()[0]
                 raise InputError(f"{path}: cannot read the weights to start from ({first})") from None
             state = {k.removeprefix("module."): v for k, v in saved.items() if k.startswith("module.")}
+            # The alignment projectors are a training aid of that run: this one starts its own (if it has any).
+            state = {k: v for k, v in state.items() if not k.startswith("alignment.")}
             rename_legacy_keys(state, "denoiser.")  # a run saved before the paper's modules were classes
         own = trainable.state_dict()
         misfits = [k for k in state if k not in own or own[k].shape != state[k].shape]
