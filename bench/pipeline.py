@@ -39,6 +39,7 @@ import subprocess
 import time
 
 import torch
+from public_schedule import PublicSchedulePipeline
 
 from xmdpt import (
     XMDPT,
@@ -156,49 +157,47 @@ def time_loop(pipe: XMDPTPipeline, conditions, noise, setting, run_steps: int | 
     return seconds * steps / run, label + note, latents
 
 
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    amx = sorted(f for f in flags if f.startswith("amx"))
-    bf16 = "avx512_bf16" if "avx512_bf16" in flags else "no avx512_bf16"
-    return (
-        f"{name}; AMX: {'yes (' + ', '.join(amx) + ')' if amx else 'no'}; {bf16}; "
-        f"{torch.get_num_threads()} torch threads; torch {torch.__version__}"
-    )
+def end_to_end(pipe: XMDPTPipeline, image: tuple[int, int], steps: int, fast_steps: int, cache: str) -> list:
+    """Seconds per image from the reference photo and the rendered pose to the decoded image, `generate` as every
+    front end calls it: the public code's schedule at fp32 (its 50-step loop, the encoders and the VAE for every
+    image), ours with the same sampling, and the fast setting, for a new reference and for a further pose of the
+    same reference (whose encodings the pipeline holds). Each row after a warm-up call."""
+    public = PublicSchedulePipeline(**pipe.components, guidance_scale=2.0)
+    g = torch.Generator().manual_seed(3)
+    reference = torch.rand(1, 3, *image, generator=g) * 2 - 1
+    poses = [torch.rand(1, 3, *image, generator=g) for _ in range(3)]
+    noise = torch.randn(1, pipe.denoiser.config.in_channels, *pipe.denoiser.config.sample_size, generator=g)
+    published = dict(num_inference_steps=steps, guidance_scale=2.0, guidance_interval=(0.0, 1000.0), precision="fp32")
+    fast = dict(num_inference_steps=fast_steps, guidance_scale=2.0, guidance_interval=(200.0, 800.0))
+    fast |= dict(precision="auto", cache=cache)
+    rows = []
+    for label, p, sampler, overrides, new_reference in (
+        (f"public schedule, fp32, DDIM {steps} guided every step", public, "ddim-public", published, True),
+        ("ours, fp32, the same sampling", pipe, "ddim-public", published, True),
+        (
+            f"ours, fast: auto precision, DPM-Solver++ {fast_steps}, [200, 800], {cache}",
+            pipe,
+            "dpmsolver++",
+            fast,
+            True,
+        ),
+        ("ours, fast, a further pose of the same reference", pipe, "dpmsolver++", fast, False),
+    ):
+        p.set_sampler(sampler)
+        settings = p.sampling_settings(**overrides)
+        p.reference_encodings.clear()
+        p.generate(reference, poses[0], settings, noise)  # warm-up; holds the reference's encodings
+        if new_reference:
+            p.reference_encodings.clear()
+        start = time.perf_counter()
+        p.generate(reference, poses[len(rows) % 2 + 1], settings, noise)
+        rows.append((label, settings.precision, time.perf_counter() - start))
+    pipe.set_sampler("ddim")
+    return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["S/2", "B/2"], help="X-MDPT presets")
-    parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, help="DDIM steps to run for the published loop (scaled to 50)")
-    parser.add_argument("--fast-steps", type=int, help="DPM-Solver++ steps to run for the fast loop (scaled to 25)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each encoder / VAE stage (median)")
-    parser.add_argument("--quick", action="store_true", help="smoke run at full size: 4 + 5 steps, 1 repeat")
-    parser.add_argument("--tiny", action="store_true", help="tiny widths and depths, 2 steps (seconds; for tests)")
-    args = parser.parse_args()
-    steps, fast_steps, repeats = args.steps, args.fast_steps, args.repeats
-    if args.quick:
-        steps, fast_steps, repeats = steps or 4, fast_steps or 5, 1
-    if args.tiny:
-        steps, fast_steps, repeats = 2, 2, 1
-
-    start = time.perf_counter()
-    pipes, image = build(args.models, args.tiny)
-    print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
-    scale = "tiny stand-ins (--tiny)" if args.tiny else "full size, random weights"
-    print(f"# one image at {image[0]}x{image[1]}, {scale}; built in {time.perf_counter() - start:.0f} s", flush=True)
-
+def stage_table(pipes: dict[str, XMDPTPipeline], image: tuple[int, int], args, steps, fast_steps, repeats) -> None:
+    """Seconds of each stage of one image, per precision, and the totals."""
     pipe = next(iter(pipes.values()))
     g = torch.Generator().manual_seed(1)
     reference = torch.rand(1, 3, *image, generator=g) * 2 - 1  # (1, 3, H, W) in [-1, 1]
@@ -253,6 +252,70 @@ def main() -> None:
         slowest = max(stages, key=lambda s: rows[s][last])
         share = rows[slowest][last] / rows[f"total {name} fast"][last]
         print(f"# {last}, X-MDPT-{name}, fast setting: slowest stage {labels[slowest]}, {share:.0%} of the total")
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    amx = sorted(f for f in flags if f.startswith("amx"))
+    bf16 = "avx512_bf16" if "avx512_bf16" in flags else "no avx512_bf16"
+    return (
+        f"{name}; AMX: {'yes (' + ', '.join(amx) + ')' if amx else 'no'}; {bf16}; "
+        f"{torch.get_num_threads()} torch threads; torch {torch.__version__}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["S/2", "B/2"], help="X-MDPT presets")
+    parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, help="DDIM steps to run for the published loop (scaled to 50)")
+    parser.add_argument("--fast-steps", type=int, help="DPM-Solver++ steps to run for the fast loop (scaled to 25)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each encoder / VAE stage (median)")
+    parser.add_argument("--quick", action="store_true", help="smoke run at full size: 4 + 5 steps, 1 repeat")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths and depths, 2 steps (seconds; for tests)")
+    parser.add_argument(
+        "--end-to-end",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time `generate` end to end for the first model (public, ours, fast)",
+    )
+    parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True, help="the stage table")
+    parser.add_argument("--cache", default="fora:2", help="the fast setting's feature cache")
+    args = parser.parse_args()
+    steps, fast_steps, repeats = args.steps, args.fast_steps, args.repeats
+    if args.quick:
+        steps, fast_steps, repeats = steps or 4, fast_steps or 5, 1
+    if args.tiny:
+        steps, fast_steps, repeats = 2, 2, 1
+
+    start = time.perf_counter()
+    pipes, image = build(args.models, args.tiny)
+    print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    scale = "tiny stand-ins (--tiny)" if args.tiny else "full size, random weights"
+    print(f"# one image at {image[0]}x{image[1]}, {scale}; built in {time.perf_counter() - start:.0f} s", flush=True)
+
+    if args.stages:
+        stage_table(pipes, image, args, steps, fast_steps, repeats)
+    if args.end_to_end:
+        name = args.models[0]
+        steps_e2e, fast_e2e = (2, 2) if args.tiny else (50, 20)
+        print(f"\n## end to end, X-MDPT-{name}, one image: photo and pose in, decoded image out (`generate`)")
+        print("| path | precision | s/image | speed-up |")
+        print("|---|---|---|---|")
+        rows_e2e = end_to_end(pipes[name], image, steps_e2e, fast_e2e, args.cache)
+        for label, used, seconds in rows_e2e:
+            print(f"| {label} | {used} | {seconds:.2f} | {rows_e2e[0][2] / seconds:.1f}x |", flush=True)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"# wall time {time.perf_counter() - start:.0f} s; load average at the end {load}")
 

@@ -9,7 +9,7 @@
     # reference attention and the refiner add 7 MB in float32; --dtype float16 keeps the folder at 13 MB
     python scripts/ship_default_model.py runs/synthetic-cpu-bold/checkpoints/step_00004000 \
         --config configs/default-model/synthetic-cpu-bold.yaml --dtype float16 \
-        --guidance 2.5 --guidance-interval 200 800 --steps 25 --sampler dpmsolver++
+        --guidance 2.5 --guidance-interval 200 800 --steps 25 --sampler dpmsolver++ --precision auto --cache fora:3
 
 Writes `src/xmdpt/assets/default/`: an `XMDPTPipeline` folder (safetensors) without the training-only side blocks,
 its weights stored in float32 or (`--dtype float16`, half the size) float16, which loads as float32; and
@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from xmdpt.default_model import write_synthetic_set
 from xmdpt.diffusion import make_train_scheduler
 from xmdpt.pipeline import SAMPLERS, XMDPTPipeline, make_sampling_scheduler
+from xmdpt.settings import PRECISIONS
 from xmdpt.training.build import build_codec, build_denoiser, build_encoders, synth_config
 from xmdpt.training.config import load_config
 
@@ -50,6 +51,8 @@ def main() -> None:
         "--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help="guide only at timesteps in [LO, HI]"
     )
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the saved scheduler: the default sampler")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="the sampling precision it ships with")
+    parser.add_argument("--cache", default="none", help="the feature cache it ships with (none, fora:N, teacache:D)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="of the stored weights")
     parser.add_argument("--config", default="configs/synthetic-cpu.yaml", help="recorded: the config that trained it")
@@ -72,7 +75,7 @@ def main() -> None:
     scheduler = make_sampling_scheduler(args.sampler, make_train_scheduler(config.objective.prediction_type).config)
     components = (denoiser.eval(), codec, pose_encoder.eval(), reference_encoder.eval(), scheduler)
     pipe = XMDPTPipeline(*components, num_inference_steps=args.steps, guidance_scale=args.guidance)
-    pipe.set_sampling_defaults(guidance_interval=args.guidance_interval)
+    pipe.set_sampling_defaults(guidance_interval=args.guidance_interval, precision=args.precision, cache=args.cache)
 
     shutil.rmtree(args.out, ignore_errors=True)
     pipe.to(getattr(torch, args.dtype)).save_pretrained(args.out)

@@ -29,7 +29,9 @@ def tiny_pipeline(size: tuple[int, int] = SIZE, sampler: str = "ddim", **model_o
     pose_encoder = LearnedImageEncoder(image_size=size, width=16, input_transform="unit")
     reference_encoder = LearnedImageEncoder(image_size=size, width=16, input_transform="signed")
     scheduler = make_sampling_scheduler(sampler, make_train_scheduler("v_prediction").config)
-    return XMDPTPipeline(model, PixelCodec(factor=2), pose_encoder, reference_encoder, scheduler)
+    return XMDPTPipeline(
+        model, PixelCodec(factor=2), pose_encoder, reference_encoder, scheduler, precision="fp32"
+    )  # exact comparisons, on any CPU
 
 
 def save_tiny_default(folder: Path, steps: int = 3) -> Path:

@@ -174,7 +174,7 @@ class XMDPTPipeline(DiffusionPipeline):
         guidance_scale: float = 2.0,
         guidance_interval: list[float] | None = None,
         guidance_power: float = 0.01,
-        precision: str = "fp32",
+        precision: str = "auto",
         cache: str = "none",
     ):
         super().__init__()
