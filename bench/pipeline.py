@@ -291,7 +291,7 @@ def main() -> None:
         help="also time `generate` end to end for the first model (public, ours, fast)",
     )
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True, help="the stage table")
-    parser.add_argument("--cache", default="fora:2", help="the fast setting's feature cache")
+    parser.add_argument("--cache", default="fora:3", help="the fast setting's feature cache")
     args = parser.parse_args()
     steps, fast_steps, repeats = args.steps, args.fast_steps, args.repeats
     if args.quick:

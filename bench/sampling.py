@@ -11,7 +11,7 @@ Rows. The baseline is 50 guided DDIM steps at every step at fp32: "public" runs 
 work (`bench/public_schedule.py`: two unbatched guidance passes per step, conditions re-encoded in each, the reference
 tokens through every block), "ours" on ours, with the public respaced DDIM (`ddim-public`), so both give the same
 images. Then one lever at a time on ours: bf16 autocast, DPM-Solver++ at 20 steps, guidance only on t in [200, 800],
-FORA (`fora:2`), TeaCache (`teacache:0.1`), torch.compile (timed after its warm-up); and all levers but compile
+FORA (`fora:3`), TeaCache (`teacache:0.2`), torch.compile (timed after its warm-up); and all levers but compile
 together. For the embedded default the guidance scale is its own (2.5) and a last row is its shipped setting.
 
     python bench/sampling.py                          # all three tables, batch 1 for S/2 and B/2
@@ -46,17 +46,17 @@ class Row:
     compile: bool = False
 
 
-FAST = dict(num_inference_steps=20, guidance_interval=(200.0, 800.0), precision="bf16", cache="fora:2")
+FAST = dict(num_inference_steps=20, guidance_interval=(200.0, 800.0), precision="bf16", cache="fora:3")
 ROWS = [
     Row("public schedule, fp32, DDIM 50", public=True),
     Row("ours, fp32, DDIM 50"),
     Row("bf16 autocast", settings=dict(precision="bf16")),
     Row("DPM-Solver++ 20 steps", "dpmsolver++", dict(num_inference_steps=20)),
     Row("guidance on t in [200, 800]", settings=dict(guidance_interval=(200.0, 800.0))),
-    Row("FORA, fora:2", settings=dict(cache="fora:2")),
-    Row("TeaCache, teacache:0.1", settings=dict(cache="teacache:0.1")),
+    Row("FORA, fora:3", settings=dict(cache="fora:3")),
+    Row("TeaCache, teacache:0.2", settings=dict(cache="teacache:0.2")),
     Row("torch.compile", compile=True),
-    Row("all levers: bf16, DPM-Solver++ 20, [200, 800], fora:2", "dpmsolver++", FAST),
+    Row("all levers: bf16, DPM-Solver++ 20, [200, 800], fora:3", "dpmsolver++", FAST),
 ]
 
 

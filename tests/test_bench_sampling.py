@@ -42,3 +42,14 @@ def test_end_to_end_benchmark_reports_a_further_pose_of_the_same_reference():
     rows = table_rows(out)
     assert len(rows) == 4 and any("further pose" in row for row in rows), out
     assert all(cells[-1].endswith("x") for cells in rows.values())
+
+
+def test_gpu_script_runs_its_tiny_mode_on_the_cpu():
+    """bench/gpu.py, which runs whenever a GPU is lent, works end to end before that day comes."""
+    out = run("gpu.py", "--tiny")
+    lines = out.splitlines()
+    for setting in ("| DDIM 50, guided every step | ", "| DPM-Solver++ 20, [200, 800], fora:3 | "):
+        rows = [line for line in lines if line.startswith(setting)]
+        assert [row.split(" | ")[1] for row in rows] == ["1", "2"], out  # batches 1 and 2 (1, 16, 64 on a GPU)
+        assert all(float(row.split(" | ")[2]) > 0 for row in rows)
+    assert "## training" in out and "speed-up synthetic 64x48 stage 1, routing" in out

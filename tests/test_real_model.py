@@ -11,6 +11,7 @@ from public_reference import PublicXMDPT
 
 from xmdpt.cli import main
 from xmdpt.default_model import ENV_VAR
+from xmdpt.settings import native_bf16
 
 
 def dinov2(folder, width, heads):
@@ -64,6 +65,17 @@ def test_convert_then_generate_on_a_real_photo(real_shapes, tmp_path, monkeypatc
     assert "out.png (256x256 pixels)" in capsys.readouterr().out
     image = np.asarray(Image.open(tmp_path / "out.png"))
     assert image.shape == (256, 256, 3) and image.std() > 0
+    # The fast defaults instead of the published ones: one option at conversion.
+    main(["convert", str(s["checkpoint"]), str(tmp_path / "fast"), "--vae", str(s["vae"]), "--pose-encoder",
+          str(s["pose"]), "--reference-encoder", str(s["reference"]), "--sampling", "fast"])  # fmt: skip
+    fast = load_pipeline(tmp_path / "fast", "cpu").sampling_settings()
+    assert (fast.sampler, fast.num_inference_steps, fast.guidance_interval, fast.cache) == (
+        "dpmsolver++",
+        20,
+        (200.0, 800.0),
+        "fora:3",
+    )
+    assert settings.precision == fast.precision == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
 
 
 def test_a_missing_component_is_one_line_naming_it_and_its_option(real_shapes, tmp_path, capfd):

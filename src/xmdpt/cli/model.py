@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
 
 from xmdpt.errors import InputError
-from xmdpt.settings import PUBLISHED_POSE_ENCODER, PUBLISHED_REFERENCE_ENCODER, PUBLISHED_VAE
+from xmdpt.settings import PUBLISHED_POSE_ENCODER, PUBLISHED_REFERENCE_ENCODER, PUBLISHED_VAE, SAMPLING_PRESETS
+
+SamplingPreset = Enum("SamplingPreset", {name: name for name in SAMPLING_PRESETS}, type=str)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -30,9 +33,14 @@ def convert(
     grid: str | None = typer.Option(None, help="Token grid HxW; default: square, read off the checkpoint."),
     decode_layers: int = typer.Option(2, help="Blocks after the side-interpolater (the public models use 2)."),
     denoiser_only: bool = typer.Option(False, help="Write the denoiser alone (config.json + safetensors)."),
+    sampling: SamplingPreset = typer.Option(
+        "published",
+        help="The folder's sampling defaults: published (DDIM 50, guidance 2 at every step, as the paper) or fast "
+        "(DPM-Solver++ 20, guidance on [200, 800], FORA).",
+    ),
 ) -> None:
     """Convert a public X-MDPT checkpoint into a pipeline folder that `--model` and `load_pipeline` take: the
-    denoiser, the SD-VAE, both DINOv2 encoders, the public respaced DDIM and the published sampling defaults."""
+    denoiser, the SD-VAE, both DINOv2 encoders and sampling defaults (the published ones unless --sampling fast)."""
     from xmdpt.models.convert import convert_public_checkpoint, convert_public_pipeline
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -45,7 +53,7 @@ def convert(
             convert_public_checkpoint(checkpoint, out_dir, grid_size, decode_layers)
         else:
             pipe = convert_public_pipeline(
-                checkpoint, out_dir, vae, pose_encoder, reference_encoder, grid_size, decode_layers
+                checkpoint, out_dir, vae, pose_encoder, reference_encoder, grid_size, decode_layers, sampling.value
             )
             height, width = pipe.image_size
             typer.echo(f"wrote {out_dir}: a pipeline for {width}x{height} images (use it with --model {out_dir})")

@@ -20,8 +20,8 @@ from xmdpt.models.xmdpt import XMDPT
 from xmdpt.settings import (
     PUBLISHED_POSE_ENCODER,
     PUBLISHED_REFERENCE_ENCODER,
-    PUBLISHED_SAMPLING,
     PUBLISHED_VAE,
+    SAMPLING_PRESETS,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,10 +159,14 @@ def convert_public_pipeline(
     reference_encoder: str | Path = PUBLISHED_REFERENCE_ENCODER,
     grid_size: tuple[int, int] | None = None,
     decode_layers: int = 2,
+    sampling: str = "published",
 ):
     """A complete `XMDPTPipeline` folder from a public checkpoint: the converted denoiser, the SD-VAE codec, the two
-    DINOv2 encoders with the public code's input quirks, the public respaced DDIM and its sampling defaults. The
-    image size follows from the checkpoint's grid and the VAE's factor (256x256 for the released models)."""
+    DINOv2 encoders with the public code's input quirks, and the sampling defaults of `SAMPLING_PRESETS[sampling]`:
+    "published" (the public respaced DDIM, 50 steps, guidance 2.0 at every step) or "fast". The image size follows
+    from the checkpoint's grid and the VAE's factor (256x256 for the released models)."""
+    if sampling not in SAMPLING_PRESETS:
+        raise InputError(f"sampling={sampling!r}: choose one of {', '.join(SAMPLING_PRESETS)}")
     from xmdpt.conditioning import VAECodec
     from xmdpt.conditioning.encoders import dinov2_encoder
     from xmdpt.diffusion import make_train_scheduler
@@ -195,8 +199,9 @@ def convert_public_pipeline(
         raise InputError(
             f"{path}: the checkpoint takes {c.in_channels} latent channels, the VAE gives {codec.latent_channels}"
         )
-    scheduler = make_sampling_scheduler("ddim-public", make_train_scheduler("epsilon", c.learn_sigma).config)
-    pipe = XMDPTPipeline(denoiser, codec, pose, reference, scheduler, **PUBLISHED_SAMPLING)
+    sampler, defaults = SAMPLING_PRESETS[sampling]
+    scheduler = make_sampling_scheduler(sampler, make_train_scheduler("epsilon", c.learn_sigma).config)
+    pipe = XMDPTPipeline(denoiser, codec, pose, reference, scheduler, **defaults)
     pipe.save_pretrained(out_dir)
     logger.info("wrote %s: a %dx%d pipeline", out_dir, *pipe.image_size)
     return pipe
