@@ -1,4 +1,5 @@
-"""Training-step throughput and peak memory: our schedule of work against the public code's, in the same run.
+"""Training-step throughput and peak memory: our schedule of work against the public code's, and the training
+speed-ups (issue 19) against the paper's recipe, in the same run.
 
 One training step = the X-MDPT objective (full pass + masked pass, or the full pass alone) + backward + AdamW.
 "public" reproduces the public code's schedule (`public_schedule.py`): conditions encoded in each pass, the reference
@@ -7,14 +8,23 @@ the first depth - 2 blocks. Each configuration runs in its own process so that i
 allocated on a GPU) is its own. Conditioning features are random tensors of DINOv2's shapes (the encoders are frozen
 and identical in both schedules).
 
-    python bench/training.py                       # S/2 at 256x176 (latent 32x22), batch 8; the synthetic stages
-    python bench/training.py --batch 32 --steps 5
+The speed-ups, for S/2 and B/2 at 256x176, each against the paper's recipe (our schedule, fp32, mask ratio 0.3):
+token routing (TREAD, half the tokens skip blocks 2-9), REPA (block 3 against DINOv2-g's features of the target, as
+the feature cache serves them: no encoder pass is timed; the 2048-wide projector is), self-alignment (block 3 against
+the EMA's block 8 at lower noise: the EMA's forward up to block 8 is timed), bf16 autocast, and all of them at once.
+Each prints a line beginning `speed-up`.
+
+    python bench/training.py                       # everything: the schedules, then the speed-ups
+    python bench/training.py --part schedule --batch 32 --steps 5
     python bench/training.py --only "synthetic 64x48 stage 2"     # the embedded default's model
+    python bench/training.py --part additions --models "S/2 256x176" --batch 4 --steps 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import platform
 import resource
@@ -32,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(setting: str):
     from xmdpt import XMDPT, LearnedImageEncoder, xmdpt_from_preset
 
-    if setting == "S/2 256x176":
-        model = xmdpt_from_preset("S/2", sample_size=(32, 22))
+    if setting in ("S/2 256x176", "B/2 256x176"):
+        model = xmdpt_from_preset(setting.split()[0], sample_size=(32, 22))
         shapes = dict(pose=(257, 768), reference=(257, 1536), latent=(4, 32, 22))
         return model, shapes
     # The embedded default's two stages: pixel-space 64x48, learned encoders of width 96, the pose map (stage 1,
@@ -51,16 +61,52 @@ def build(setting: str):
     return model, shapes
 
 
-def measure(setting: str, schedule: str, mask: bool, batch: int, steps: int) -> dict:
-    """Run in a fresh process: seconds per step and peak memory of one configuration."""
-    from xmdpt import XMDPTLoss, make_train_scheduler
+# The speed-ups measured against the paper's recipe ("paper"), each alone and all together.
+ADDITIONS = {
+    "paper": (),
+    "routing": ("routing",),
+    "REPA": ("repa",),
+    "self-alignment": ("self",),
+    "bf16": ("bf16",),
+    "all": ("routing", "repa", "self", "bf16"),
+}
 
+
+def objective_for(model, mask: bool, parts: tuple[str, ...]):
+    """The objective with the additions `parts` switched on, at the settings docs/training.md suggests."""
+    from xmdpt.diffusion import RepaTerm, SelfAlignmentTerm, XMDPTLoss, make_train_scheduler
+
+    D = model.config.hidden_size
+    terms = []
+    if "repa" in parts:
+        terms.append(RepaTerm(0.5, 3, D, model.config.reference_feature_dim))
+    if "self" in parts:
+        terms.append(SelfAlignmentTerm(0.5, 3, 8, 200, D))
+    return XMDPTLoss(
+        make_train_scheduler(),
+        mask_ratio=0.3 if mask else 0.0,
+        route_ratio=0.5 if "routing" in parts else 0.0,
+        alignment_terms=terms,
+    )
+
+
+def measure(setting: str, schedule: str, mask: bool, batch: int, steps: int, addition: str = "paper") -> dict:
+    """Run in a fresh process: seconds per step and peak memory of one configuration."""
+    from xmdpt.diffusion import AlignmentInputs
+
+    parts = ADDITIONS[addition]
+    if parts and schedule != "ours":
+        raise ValueError("the speed-ups are measured on our schedule")
     torch.manual_seed(0)
     model, shapes = build(setting)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()
-    objective = XMDPTLoss(make_train_scheduler(), mask_ratio=0.3 if mask else 0.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    objective = objective_for(model, mask, parts)
+    trainable = [*model.parameters(), *(p for term in objective.alignment_terms for p in term.parameters())]
+    for term in objective.alignment_terms:
+        term.to(device)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0)
+    teacher = copy.deepcopy(model).requires_grad_(False) if "self" in parts else None  # the EMA
     g = torch.Generator().manual_seed(1)
     inputs = (
         torch.randn(batch, *shapes["pose"], generator=g).to(device),
@@ -69,15 +115,26 @@ def measure(setting: str, schedule: str, mask: bool, batch: int, steps: int) -> 
         torch.rand(batch, 3, 64, 48, generator=g).to(device) if "pose_map" in shapes else None,
     )
     latents = torch.randn(batch, *shapes["latent"], generator=g).to(device)
+    target_features = torch.randn(batch, *shapes["reference"], generator=g).to(device)  # the cache's, for REPA
+    autocast = torch.autocast(device, torch.bfloat16) if "bf16" in parts else contextlib.nullcontext()
     times = []
     for step in range(steps + 1):  # the first step warms up
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        if schedule == "public":  # conditions re-encoded in every pass
-            net, conditions = PublicScheduleDenoiser(model, inputs), None
-        else:  # once per step, for both passes
-            net, conditions = model, model.encode_conditions(*inputs)
-        out = objective(net, latents, conditions, generator=torch.Generator().manual_seed(step))
+        with autocast:
+            if schedule == "public":  # conditions re-encoded in every pass
+                net, conditions = PublicScheduleDenoiser(model, inputs), None
+            else:  # once per step, for both passes
+                net, conditions = model, model.encode_conditions(*inputs)
+            alignment = None
+            if objective.alignment_terms:
+                teacher_conditions = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_conditions = teacher.encode_conditions(*inputs)
+                alignment = AlignmentInputs(target_features, teacher, teacher_conditions)
+            generator = torch.Generator().manual_seed(step)
+            out = objective(net, latents, conditions, generator=generator, alignment=alignment)
         out.loss.backward()
         optimizer.step()
         if device == "cuda":
@@ -91,37 +148,89 @@ def measure(setting: str, schedule: str, mask: bool, batch: int, steps: int) -> 
     return {"seconds_per_step": seconds, "samples_per_second": batch / seconds, "peak_mib": peak}
 
 
-def run_one(setting: str, schedule: str, mask: bool, batch: int, steps: int) -> dict:
-    args = [sys.executable, __file__, "--one", json.dumps([setting, schedule, mask, batch, steps])]
+THREADS: list[int] = []  # --threads, for the measuring processes; empty: torch's default
+
+
+def run_one(setting: str, schedule: str, mask: bool, batch: int, steps: int, addition: str = "paper") -> dict:
+    args = [sys.executable, __file__, "--one", json.dumps([setting, schedule, mask, batch, steps, addition])]
+    args += [f"--threads={THREADS[0]}"] if THREADS else []
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 SETTINGS = ("S/2 256x176", "synthetic 64x48 stage 1", "synthetic 64x48 stage 2")
+ADDITION_SETTINGS = ("S/2 256x176", "B/2 256x176")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--only", choices=SETTINGS, help="Measure one model only.")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(*json.loads(args.one))))
-        return
-    print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32")
-    print(f"# batch {args.batch}, mean of {args.steps} steps after one warm-up step; peak = max RSS (CPU)")
+def schedules(settings, batch: int, steps: int) -> None:
     print("| model | masked pass | public samples/s | ours samples/s | speed-up | public peak MiB | ours peak MiB |")
     print("|---|---|---|---|---|---|---|")
-    for setting in [args.only] if args.only else SETTINGS:
+    for setting in settings:
         for mask in (True, False):
-            public = run_one(setting, "public", mask, args.batch, args.steps)
-            ours = run_one(setting, "ours", mask, args.batch, args.steps)
+            public = run_one(setting, "public", mask, batch, steps)
+            ours = run_one(setting, "ours", mask, batch, steps)
             ratio = ours["samples_per_second"] / public["samples_per_second"]
             speeds = f"{public['samples_per_second']:.2f} | {ours['samples_per_second']:.2f} | {ratio:.2f}x"
             memory = f"{public['peak_mib']:.0f} | {ours['peak_mib']:.0f}"
             print(f"| {setting} | {'yes' if mask else 'no'} | {speeds} | {memory} |", flush=True)
+
+
+def additions(settings, batch: int, steps: int, repeat: int = 1) -> None:
+    """The paper's recipe and each speed-up (our schedule, the masked pass on), then a `speed-up` line for each.
+    With `repeat` > 1 every configuration runs in each of that many rounds and keeps its fastest: on a shared machine
+    a burst of other work then slows one round, not the ratio."""
+    print("| model | training | samples/s | peak MiB |")
+    print("|---|---|---|---|")
+    lines = []
+    for setting in settings:
+        results: dict[str, dict] = {}
+        for _ in range(repeat):
+            for name in ADDITIONS:
+                result = run_one(setting, "ours", True, batch, steps, name)
+                if name not in results or result["samples_per_second"] > results[name]["samples_per_second"]:
+                    results[name] = result
+        for name, result in results.items():
+            print(
+                f"| {setting} | {name} | {result['samples_per_second']:.2f} | {result['peak_mib']:.0f} |", flush=True
+            )
+        paper = results["paper"]
+        for name, result in results.items():
+            if name != "paper":
+                ratio = result["samples_per_second"] / paper["samples_per_second"]
+                memory = result["peak_mib"] / paper["peak_mib"]
+                ours, theirs = result["samples_per_second"], paper["samples_per_second"]
+                lines.append(
+                    f"speed-up {setting} {name}: {ratio:.2f}x samples/s against the paper's recipe "
+                    f"({ours:.2f} vs {theirs:.2f}; peak memory {memory:.2f}x)"
+                )
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--part", choices=("all", "schedule", "additions"), default="all")
+    parser.add_argument("--only", choices=SETTINGS, help="Measure one model only (the schedule comparison).")
+    parser.add_argument(
+        "--models", nargs="+", choices=ADDITION_SETTINGS, default=list(ADDITION_SETTINGS), help="for the speed-ups"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the speed-ups; each keeps its fastest")
+    parser.add_argument("--threads", type=int, help="torch threads of the measuring processes (default: torch's)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        THREADS[:] = [args.threads]
+    if args.one:
+        print(json.dumps(measure(*json.loads(args.one))))
+        return
+    print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32 unless noted")
+    print(f"# batch {args.batch}, mean of {args.steps} steps after one warm-up step; peak = max RSS (CPU)")
+    if args.part in ("all", "schedule"):
+        schedules([args.only] if args.only else SETTINGS, args.batch, args.steps)
+    if args.part in ("all", "additions"):
+        additions(args.models, args.batch, args.steps, args.repeat)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,46 @@ def test_pipeline_benchmark_times_every_stage_of_a_real_image():
     assert done.returncode == 0, done.stderr[-2000:]
     for stage in ("pose encoder", "reference encoder", "VAE decode"):
         assert stage.lower() in done.stdout.lower(), done.stdout
+
+
+def test_training_benchmark_measures_the_speed_ups(bench):
+    """All speed-ups at once run at the real S/2 architecture (routing, REPA's and self-alignment's projectors, the
+    EMA teacher, bf16 autocast); the schedule comparison's public code takes none of them."""
+    result = bench.measure("S/2 256x176", "ours", mask=True, batch=1, steps=1, addition="all")
+    assert result["seconds_per_step"] > 0 and result["peak_mib"] > 0
+    with pytest.raises(ValueError, match="our schedule"):
+        bench.measure("S/2 256x176", "public", mask=True, batch=1, steps=1, addition="routing")
+
+
+def test_training_benchmark_prints_a_speed_up_line_for_each_addition(bench, monkeypatch, capsys):
+    rates = {"paper": 2.0, "routing": 3.0, "REPA": 1.8, "self-alignment": 1.6, "bf16": 4.0, "all": 5.0}
+    monkeypatch.setattr(
+        bench,
+        "run_one",
+        lambda *args: {"samples_per_second": rates[args[-1]], "peak_mib": 100.0, "seconds_per_step": 1},
+    )
+    bench.main(["--part", "additions", "--models", "S/2 256x176", "B/2 256x176"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed-up")]
+    assert len(lines) == 2 * (len(rates) - 1)
+    assert "speed-up B/2 256x176 routing: 1.50x samples/s against the paper's recipe" in lines[-5]
+
+
+def test_time_to_quality_trains_scores_plots_and_reports_in_its_tiny_mode(tmp_path):
+    """bench/time_to_quality.py end to end on a tiny model and set: every config trains for the same few seconds,
+    is scored on held-out pairs off the clock, and lands in the CSV, the plot and the minutes-to table."""
+    import csv
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "time_to_quality.py"
+    args = ["--tiny", "--configs", "paper", "all", "--seeds", "0", "--minutes", "0.05", "--eval-every", "0.03"]
+    args += ["--pairs", "2", "--ssim", "0", "--pose", "0", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {row["config"] for row in rows} == {"paper", "all"}
+    for name in ("paper", "all"):
+        minutes = [float(row["train_minutes"]) for row in rows if row["config"] == name]
+        assert minutes[0] == 0 and len(minutes) >= 2 and 0.05 <= minutes[-1] < 0.5  # the same training time
+    assert (tmp_path / "ssim.png").stat().st_size > 1000
+    assert "| paper | 0 | 0.0 |" in done.stdout  # SSIM 0 and no pose: reached at minute 0

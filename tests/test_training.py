@@ -796,3 +796,21 @@ def test_repa_trains_on_the_frozen_encoders_target_features_with_and_without_the
     assert item["target_features"].shape == item["reference_features"].shape  # the target's, from the cache
     assert trainer.train().step == 1
     assert "alignment.repa.projector.0.weight" in weights(tmp_path / "cached")
+
+
+def test_bf16_mixed_precision_runs_the_cpu_step_under_bf16_autocast(synth_root, tmp_path):
+    """optim.mixed_precision=bf16 on a CPU: the step's matrix products run in bfloat16 (Accelerate's autocast on the
+    CPU), the weights and their gradients stay float32."""
+    from xmdpt.training.trainer import Trainer
+
+    config = load_config(
+        None, overrides(synth_root, tmp_path / "run", "optim.max_steps=1", "optim.mixed_precision=bf16")
+    )
+    trainer = Trainer(config)
+    seen = []
+    qkv = trainer.denoiser.blocks[0].attn.qkv
+    handle = qkv.register_forward_hook(lambda m, a, out: seen.append((out.dtype, torch.is_autocast_enabled("cpu"))))
+    assert trainer.train().step == 1
+    handle.remove()
+    assert seen and all(entry == (torch.bfloat16, True) for entry in seen)
+    assert qkv.weight.dtype == torch.float32
