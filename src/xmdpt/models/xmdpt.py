@@ -696,7 +696,7 @@ class XMDPT(ModelMixin, ConfigMixin):
             keep = (~drop_condition).to(y.dtype)  # (B,)
             y, gate = y * keep[:, None], keep.view(-1, 1, 1)
         c = self.t_embedder(timestep.expand(sample.shape[0])) + y  # (B, D)
-        split, masked = self.config.depth - self.config.decode_layers, ids_keep is not None
+        split, masked, context = self.config.depth - self.config.decode_layers, ids_keep is not None, None
         if masked:  # mask cross-prediction: the first `split` blocks see the kept tokens only
             x = gather_tokens(x, ids_keep)  # (B, K, D)
             context = self.reference_context(conditions.reference_tokens, c)  # (B, N, D)
@@ -707,29 +707,44 @@ class XMDPT(ModelMixin, ConfigMixin):
         if cache is not None and cache.skip_blocks(self.blocks[0].modulated_input(x, c)):
             x = cache.residual(x)  # (B, N, D) TeaCache: the stack's residual from the last full step
         else:
-            x_in = x
-            skipped = routed = None  # token routing: all tokens as the span starts; the routed ones' grid positions
-            for i, block in enumerate(self.blocks):
-                if route is not None and i == route.end:  # the routed tokens rejoin the ones that skipped the span
-                    x = scatter_tokens(skipped, route.ids, x)  # (B, K or N, D)
-                if i == split and masked:
-                    x = self.interpolater(x, c, ids_keep, context, self.decoder_pos_embed)  # (B, N, D)
-                elif i == split:
-                    x = x + self.decoder_pos_embed
-                keep = ids_keep if masked and i < split else None
-                if route is not None and i == route.start:
-                    skipped, x = x, gather_tokens(x, route.ids)  # (B, R, D)
-                    # The relative position bias needs the routed tokens' positions on the grid.
-                    routed = route.ids if keep is None else torch.gather(keep, 1, route.ids)  # (B, R)
-                if route is not None and route.start <= i < route.end:
-                    keep = routed
-                x = block(
-                    x, c, keep, memory, gate, _compute if cache is None else partial(cache.layer, i)
-                )  # (B, K or N, D)
-            if cache is not None:
-                cache.store_residual(x_in, x)
+            x = self.run_blocks(x, c, memory, gate, ids_keep, context, route, cache)  # (B, N, D)
         x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
         return x if self.refiner is None else self.refiner(x, sample, c)  # (B, C_out, H, W)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        memory: torch.Tensor | None,
+        gate: torch.Tensor | None,
+        ids_keep: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        route: TokenRoute | None = None,
+        cache: FeatureCache | None = None,
+    ) -> torch.Tensor:
+        """The block stack on tokens x (B, N or K, D) -> (B, N, D): the side-interpolater (masked pass) or the decoder
+        position embedding before block depth - decode_layers, the token route's span, the cache's layer reuse."""
+        x_in, split = x, self.config.depth - self.config.decode_layers
+        skipped = routed = None  # token routing: all tokens as the span starts; the routed ones' grid positions
+        for i, block in enumerate(self.blocks):
+            if route is not None and i == route.end:  # the routed tokens rejoin the ones that skipped the span
+                x = scatter_tokens(skipped, route.ids, x)  # (B, K or N, D)
+            if i == split and ids_keep is not None:
+                x = self.interpolater(x, c, ids_keep, context, self.decoder_pos_embed)  # (B, N, D)
+            elif i == split:
+                x = x + self.decoder_pos_embed
+            keep = ids_keep if i < split else None
+            if route is not None and i == route.start:
+                skipped, x = x, gather_tokens(x, route.ids)  # (B, R, D)
+                # The relative position bias needs the routed tokens' positions on the grid.
+                routed = route.ids if keep is None else torch.gather(keep, 1, route.ids)  # (B, R)
+            if route is not None and route.start <= i < route.end:
+                keep = routed
+            layer = _compute if cache is None else partial(cache.layer, i)
+            x = block(x, c, keep, memory, gate, layer)  # (B, K, R or N, D)
+        if cache is not None:
+            cache.store_residual(x_in, x)
+        return x  # (B, N, D)
 
     @torch.no_grad()
     def reference_context(self, reference_tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
