@@ -34,7 +34,7 @@ from public_schedule import PublicSchedulePipeline
 
 from xmdpt import XMDPT, XMDPT_PRESETS, XMDPTPipeline, make_sampling_scheduler, make_train_scheduler
 from xmdpt.conditioning import PixelCodec
-from xmdpt.pipeline import SAMPLING_DEFAULTS
+from xmdpt.pipeline import SAMPLING_DEFAULTS, sampler_name
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def main() -> None:
             print(f"# {args.pairs} held-out pairs on each of demo seeds {args.seeds}; s/image of the whole generation")
             print("| setting | s/image | speed-up | SSIM per seed | PSNR dB | pose match | pattern match |")
             print("|---|---|---|---|---|---|---|")
-            table = rows + [Row("shipped default: " + describe(pipe), sampler=_sampler(pipe))]
+            table = rows + [Row("shipped default: " + describe(pipe), sampler=sampler_name(pipe.scheduler))]
             baseline = None
             for row in table:
                 r = embedded_row(pipe, row, synth, args.steps, args.pairs, args.seeds)
@@ -194,12 +194,6 @@ def main() -> None:
             baseline = baseline or seconds
             print(f"| {row.label} | {seconds:.3f} | {baseline / seconds:.1f}x |", flush=True)
     print(f"\n# wall time {time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.1f}")
-
-
-def _sampler(pipe: XMDPTPipeline) -> str:
-    from xmdpt.pipeline import sampler_name
-
-    return sampler_name(pipe.scheduler)
 
 
 def describe(pipe: XMDPTPipeline) -> str:

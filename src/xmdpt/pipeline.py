@@ -141,8 +141,8 @@ class ReferenceEncodings:
             held = {k: self._entries[k] for k in keys if k in self._entries}
             for k in held:
                 self._entries.move_to_end(k)
-        todo = list(dict.fromkeys(k for k in keys if k not in held))  # distinct, in order
-        self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
+            todo = list(dict.fromkeys(k for k in keys if k not in held))  # distinct, in order
+            self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
         if todo:
             first = {k: keys.index(k) for k in todo}
             features, latents = encode(images[[first[k] for k in todo]])

@@ -42,8 +42,9 @@ class FeatureCache:
         self.calls += 1
 
     # The denoiser's two questions; the defaults compute everything.
-    def skip_blocks(self, modulated: torch.Tensor) -> bool:
-        """TeaCache's question, once per call with the first block's modulated input (B, N, D): skip the stack?"""
+    def skip_blocks(self, x: torch.Tensor, modulated: Callable[[], torch.Tensor]) -> bool:
+        """TeaCache's question, once per call with the stack's input x (B, N, D) and a function giving the first
+        block's timestep-modulated input (B, N, D), computed only by a cache that looks at it: skip the stack?"""
         self.full_steps += 1
         return False
 
@@ -69,9 +70,8 @@ class FORACache(FeatureCache):
         self.stored: dict[tuple[int, str], torch.Tensor] = {}
         self.reuse = False
 
-    def skip_blocks(self, modulated: torch.Tensor) -> bool:
-        shape = tuple(modulated.shape)
-        stale = not self.stored or next(iter(self.stored.values())).shape[0] != shape[0]
+    def skip_blocks(self, x: torch.Tensor, modulated: Callable[[], torch.Tensor]) -> bool:
+        stale = not self.stored or next(iter(self.stored.values())).shape[0] != x.shape[0]
         self.reuse = not stale and self.step % self.interval != 0
         if not self.reuse:
             self.stored.clear()
@@ -99,13 +99,14 @@ class TeaCache(FeatureCache):
         self.accumulated = 0.0
         self.stored: torch.Tensor | None = None  # the last full call's residual of the block stack
 
-    def skip_blocks(self, modulated: torch.Tensor) -> bool:
-        previous, self.previous = self.previous, modulated
+    def skip_blocks(self, x: torch.Tensor, modulated: Callable[[], torch.Tensor]) -> bool:
+        current = modulated()
+        previous, self.previous = self.previous, current
         edge = self.step <= 0 or self.step >= self.num_steps - 1
-        if edge or previous is None or previous.shape != modulated.shape or self.stored is None:
+        if edge or previous is None or previous.shape != current.shape or self.stored is None:
             skip = False
         else:
-            change = ((modulated - previous).abs().mean() / previous.abs().mean().clamp(min=1e-12)).item()
+            change = ((current - previous).abs().mean() / previous.abs().mean().clamp(min=1e-12)).item()
             self.accumulated += change
             skip = self.accumulated < self.threshold
         if not skip:

@@ -704,7 +704,7 @@ class XMDPT(ModelMixin, ConfigMixin):
             raise ValueError("a feature cache is for sampling; the masked pass and token routing are training's")
         if route is not None and not 0 <= route.start < route.end <= split:
             raise ValueError(f"a token route over blocks [{route.start}, {route.end}) must end by block {split}")
-        if cache is not None and cache.skip_blocks(self.blocks[0].modulated_input(x, c)):
+        if cache is not None and cache.skip_blocks(x, lambda: self.blocks[0].modulated_input(x, c)):
             x = cache.residual(x)  # (B, N, D) TeaCache: the stack's residual from the last full step
         else:
             x = self.run_blocks(x, c, memory, gate, ids_keep, context, route, cache)  # (B, N, D)
