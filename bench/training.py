@@ -11,8 +11,8 @@ and identical in both schedules).
 The speed-ups, for S/2 and B/2 at 256x176, each against the paper's recipe (our schedule, fp32, mask ratio 0.3):
 token routing (TREAD, half the tokens skip blocks 2-9), REPA (block 3 against DINOv2-g's features of the target, as
 the feature cache serves them: no encoder pass is timed; the 2048-wide projector is), self-alignment (block 3 against
-the EMA's block 8 at lower noise: the EMA's forward up to block 8 is timed), bf16 autocast, and all of them at once.
-Each prints a line beginning `speed-up`.
+the EMA's block 8 at lower noise: the EMA's forward up to block 8 is timed), bf16 autocast, all of them at once, and
+SPRINT (75% of the tokens skip blocks 2-9, then the dense-sparse fusion). Each prints a line beginning `speed-up`.
 
     python bench/training.py                       # everything: the schedules, then the speed-ups
     python bench/training.py --part schedule --batch 32 --steps 5
@@ -39,11 +39,15 @@ from public_schedule import PublicScheduleDenoiser
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(setting: str):
+def build(setting: str, fusion: bool = False):
+    """The model of `setting`; with `fusion`, SPRINT's dense-sparse fusion around TREAD's default span."""
     from xmdpt import XMDPT, LearnedImageEncoder, xmdpt_from_preset
+    from xmdpt.models.xmdpt import route_span
 
     if setting in ("S/2 256x176", "B/2 256x176"):
-        model = xmdpt_from_preset(setting.split()[0], sample_size=(32, 22))
+        preset = setting.split()[0]
+        span = list(route_span(None, 12, 2)) if fusion else None
+        model = xmdpt_from_preset(preset, sample_size=(32, 22), fusion_blocks=span)
         shapes = dict(pose=(257, 768), reference=(257, 1536), latent=(4, 32, 22))
         return model, shapes
     # The embedded default's two stages: pixel-space 64x48, learned encoders of width 96, the pose map (stage 1,
@@ -55,6 +59,7 @@ def build(setting: str):
         pose_feature_dim=96, pose_num_tokens=encoder.num_tokens,
         reference_feature_dim=96, reference_num_tokens=encoder.num_tokens, pose_map_channels=48,
         reference_layers=2 if "stage 2" in setting else 0, refine_channels=64 if "stage 2" in setting else 0,
+        fusion_blocks=list(route_span(None, 6, 2)) if fusion else None,
     )  # fmt: skip
     shapes = dict(pose=(encoder.num_tokens, 96), reference=(encoder.num_tokens, 96), latent=(48, 16, 12))
     shapes["pose_map"] = True  # a rendered 64x48 pose image
@@ -69,6 +74,7 @@ ADDITIONS = {
     "self-alignment": ("self",),
     "bf16": ("bf16",),
     "all": ("routing", "repa", "self", "bf16"),
+    "SPRINT": ("sprint",),  # 75% of the tokens skip the span, the dense-sparse fusion after it
 }
 
 
@@ -85,7 +91,7 @@ def objective_for(model, mask: bool, parts: tuple[str, ...]):
     return XMDPTLoss(
         make_train_scheduler(),
         mask_ratio=0.3 if mask else 0.0,
-        route_ratio=0.5 if "routing" in parts else 0.0,
+        route_ratio=0.75 if "sprint" in parts else 0.5 if "routing" in parts else 0.0,
         alignment_terms=terms,
     )
 
@@ -98,7 +104,7 @@ def measure(setting: str, schedule: str, mask: bool, batch: int, steps: int, add
     if parts and schedule != "ours":
         raise ValueError("the speed-ups are measured on our schedule")
     torch.manual_seed(0)
-    model, shapes = build(setting)
+    model, shapes = build(setting, fusion="sprint" in parts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()
     objective = objective_for(model, mask, parts)

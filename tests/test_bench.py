@@ -75,10 +75,14 @@ def test_training_benchmark_measures_the_speed_ups(bench):
     assert result["seconds_per_step"] > 0 and result["peak_mib"] > 0
     with pytest.raises(ValueError, match="our schedule"):
         bench.measure("S/2 256x176", "public", mask=True, batch=1, steps=1, addition="routing")
+    # SPRINT: the fused model (blocks 2-9 of S/2, 2-3 of the synthetic model) and a quarter of the tokens through
+    assert bench.build("S/2 256x176", fusion=True)[0].fusion_span == (2, 10)
+    result = bench.measure("synthetic 64x48 stage 1", "ours", mask=True, batch=2, steps=1, addition="SPRINT")
+    assert result["seconds_per_step"] > 0
 
 
 def test_training_benchmark_prints_a_speed_up_line_for_each_addition(bench, monkeypatch, capsys):
-    rates = {"paper": 2.0, "routing": 3.0, "REPA": 1.8, "self-alignment": 1.6, "bf16": 4.0, "all": 5.0}
+    rates = {"paper": 2.0, "routing": 3.0, "REPA": 1.8, "self-alignment": 1.6, "bf16": 4.0, "all": 5.0, "SPRINT": 3.2}
     monkeypatch.setattr(
         bench,
         "run_one",
@@ -87,25 +91,39 @@ def test_training_benchmark_prints_a_speed_up_line_for_each_addition(bench, monk
     bench.main(["--part", "additions", "--models", "S/2 256x176", "B/2 256x176"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed-up")]
     assert len(lines) == 2 * (len(rates) - 1)
-    assert "speed-up B/2 256x176 routing: 1.50x samples/s against the paper's recipe" in lines[-5]
+    assert "speed-up B/2 256x176 routing: 1.50x samples/s against the paper's recipe" in lines[-6]
+    assert "speed-up B/2 256x176 SPRINT: 1.60x samples/s against the paper's recipe" in lines[-1]
 
 
 def test_time_to_quality_trains_scores_plots_and_reports_in_its_tiny_mode(tmp_path):
-    """bench/time_to_quality.py end to end on a tiny model and set: every config trains for the same few seconds,
-    is scored on held-out pairs off the clock, and lands in the CSV, the plot and the minutes-to table."""
+    """bench/time_to_quality.py end to end on a tiny model and set, two runs side by side: every config trains for
+    the same few seconds, is scored on held-out pairs at minute 0, every --eval-every minutes and at the end (off the
+    clock), and lands in the CSV, the plot, the minutes-to table and a time-to-quality line against the recipe."""
     import csv
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parents[1] / "bench" / "time_to_quality.py"
-    args = ["--tiny", "--configs", "paper", "all", "--seeds", "0", "--minutes", "0.05", "--eval-every", "0.03"]
-    args += ["--pairs", "2", "--ssim", "0", "--pose", "0", "--out", str(tmp_path)]
+    args = ["--tiny", "--configs", "paper", "all", "--seeds", "0", "--minutes", "0.06", "--eval-every", "0.02"]
+    args += ["--pairs", "2", "--ssim", "0", "0.99", "--pose", "0", "--out", str(tmp_path), "--jobs", "2"]
+    args += ["--threads", "1"]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert {row["config"] for row in rows} == {"paper", "all"}
     for name in ("paper", "all"):
         minutes = [float(row["train_minutes"]) for row in rows if row["config"] == name]
-        assert minutes[0] == 0 and len(minutes) >= 2 and 0.05 <= minutes[-1] < 0.5  # the same training time
+        assert minutes[0] == 0 and 0.06 <= minutes[-1] < 0.5  # the same training time
+        assert any(0.02 <= m < 0.06 for m in minutes)  # the periodic evaluations, not only the first and last
+        steps = [int(row["step"]) for row in rows if row["config"] == name]
+        assert steps == sorted(steps) and steps[-1] > 0
     assert (tmp_path / "ssim.png").stat().st_size > 1000
-    assert "| paper | 0 | 0.0 |" in done.stdout  # SSIM 0 and no pose: reached at minute 0
+    assert "| paper | 0 |" in done.stdout and "| 0.0 | not in 0 |" in done.stdout  # SSIM 0 at minute 0; 0.99 never
+    assert "time-to-quality all, SSIM 0.00 and pose >= 0%: 0.0 against 0.0 minutes, 1.00x" in done.stdout
+    assert "time-to-quality all, SSIM 0.99 and pose >= 0%: not reached by every seed" in done.stdout
+    # The same measurement reported again at another level, without training.
+    again = [sys.executable, str(script), "--from-csv", str(tmp_path / "results.csv"), "--ssim", "0.01", "--pose", "0"]
+    done = subprocess.run(again, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "minutes to SSIM 0.01" in done.stdout and "time-to-quality all, SSIM 0.01" in done.stdout
+    assert (tmp_path / "results.png").stat().st_size > 1000

@@ -150,3 +150,133 @@ def test_bad_routing_settings_are_one_line_config_errors(override, message):
 def test_routing_is_a_one_line_switch():
     config = load_config(None, ["objective.route_ratio=0.5"])
     assert (config.objective.route_ratio, config.objective.route_blocks) == (0.5, None)
+
+
+# ---- SPRINT's dense-sparse fusion ------------------------------------------------------------------------------
+
+
+def fused_pair(std: float = 0.1) -> tuple:
+    """A random model and the same model with the fusion around blocks [1, 3), freshly initialised."""
+    plain = randomize(tiny_model(**DEEP), std=std)
+    fused = tiny_model(**DEEP, fusion_blocks=[1, 3])
+    missing, unexpected = fused.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["fusion.mask_token", "fusion.proj.bias", "fusion.proj.weight"] and not unexpected
+    return plain, fused
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_fresh_fusion_is_the_identity_so_a_trained_model_can_start_from_it(masked):
+    """At initialisation the fusion passes the span's output through: sampling and both training passes compute the
+    unfused model's function, so `model.init_from` a model without it starts where that model is."""
+    plain, fused = fused_pair()
+    x = tiny_inputs(plain, batch=2)
+    ids_keep = random_masking(2, plain.num_tokens, 0.3, torch.Generator().manual_seed(0)) if masked else None
+    expected = plain(x["sample"], x["timestep"], x["conditions"], ids_keep=ids_keep)
+    got = fused(x["sample"], x["timestep"], x["conditions"], ids_keep=ids_keep)
+    assert expected.abs().mean() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fusion_gives_routed_around_tokens_the_dense_path_and_the_mask_token(masked):
+    """SPRINT, not TREAD: after the span a routed-around token is proj([its dense input, mask token]), whatever the
+    span's blocks compute; a routed token is proj([its dense input, the span's output])."""
+    model = randomize(tiny_model(**DEEP, fusion_blocks=[1, 3]), std=0.1)
+    x = tiny_inputs(model, batch=2)
+    g = torch.Generator().manual_seed(2)
+    ids_keep = random_masking(2, model.num_tokens, 0.3, g) if masked else None
+    n = ids_keep.shape[1] if masked else model.num_tokens
+    route = TokenRoute(random_masking(2, n, 0.75, g), 1, 3)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.blocks[0].register_forward_hook(lambda m, a, out: seen.__setitem__("dense", out)),
+        model.blocks[2].register_forward_hook(lambda m, a, out: seen.__setitem__("deep", out)),
+        model.fusion.register_forward_hook(lambda m, a, out: seen.__setitem__("fused", out)),
+        model.blocks[3].register_forward_pre_hook(lambda m, a: seen.__setitem__("next", a[0])),
+    ]
+    model(x["sample"], x["timestep"], x["conditions"], ids_keep=ids_keep, route=route)
+    for hook in hooks:
+        hook.remove()
+    dense, fused = seen["dense"], seen["fused"]
+    assert dense.shape[1] == n and seen["deep"].shape[1] == route.ids.shape[1]  # the span is sparse
+    routed = torch.zeros(2, n, dtype=torch.bool).scatter(1, route.ids, True)
+    fusion = model.fusion
+    masked_out = fusion.proj(torch.cat([dense, fusion.mask_token.expand_as(dense)], -1))
+    torch.testing.assert_close(fused[~routed], masked_out[~routed], rtol=1e-5, atol=1e-5)
+    deep = torch.zeros_like(dense).scatter(1, route.ids.unsqueeze(-1).expand(-1, -1, dense.shape[-1]), seen["deep"])
+    through = fusion.proj(torch.cat([dense, deep], -1))
+    torch.testing.assert_close(fused[routed], through[routed], rtol=1e-5, atol=1e-5)
+    if not masked:  # what block 3 gets (the masked pass's side-interpolater takes it first)
+        torch.testing.assert_close(seen["next"], fused + model.decoder_pos_embed)
+
+
+def test_fused_training_routes_over_the_fusion_span_and_trains_the_fusion():
+    """The objective's route defaults to the model's fusion span; training reaches the mask token and both halves of
+    the projection; sampling runs every token through the span; a route over another span is refused."""
+    _, model = fused_pair(std=0.05)
+    x = tiny_inputs(model, batch=3)
+    seen, handles = token_counts(model)
+    out = XMDPTLoss(route_ratio=0.75)(model, x["sample"], x["conditions"], generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    for handle in handles:
+        handle.remove()
+    assert seen[:4] == [(0, 12), (1, 3), (2, 3), (3, 12)]  # the full pass: blocks 1-2 see a quarter
+    D = model.config.hidden_size
+    grad = model.fusion.proj.weight.grad
+    assert model.fusion.mask_token.grad.abs().sum() > 0
+    assert grad[:, :D].abs().sum() > 0 and grad[:, D:].abs().sum() > 0
+    seen, handles = token_counts(model)
+    with torch.no_grad():
+        model(x["sample"], x["timestep"], x["conditions"])
+    assert [count for _, count in seen] == [12] * 4
+    for handle in handles:
+        handle.remove()
+    with pytest.raises(ValueError, match="fused over"):
+        XMDPTLoss(route_ratio=0.5, route_blocks=[0, 2])(
+            model, x["sample"], x["conditions"], generator=torch.Generator().manual_seed(0)
+        )
+
+
+def test_a_fused_model_saves_and_loads_with_its_span(tmp_path):
+    model = randomize(tiny_model(**DEEP, fusion_blocks=[1, 3]), std=0.1)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert loaded.fusion_span == (1, 3)
+    x = tiny_inputs(model, batch=2)
+    torch.testing.assert_close(
+        loaded(x["sample"], x["timestep"], x["conditions"]), model(x["sample"], x["timestep"], x["conditions"])
+    )
+    with pytest.raises(ValueError, match="route_blocks=\\[1, 4\\]"):
+        tiny_model(**DEEP, fusion_blocks=[1, 4])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["model.fusion_blocks=[2,11]"], "model.fusion_blocks=[2, 11] must satisfy"),
+        (
+            ["model.fusion_blocks=[2,10]", "objective.route_ratio=0.75", "objective.route_blocks=[3,10]"],
+            "objective.route_blocks=[3, 10] must be model.fusion_blocks=[2, 10]",
+        ),
+    ],
+)
+def test_bad_fusion_settings_are_one_line_config_errors(override, message):
+    with pytest.raises(InputError) as info:
+        load_config(None, override)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sprint_is_one_line_on_a_config_and_builds_the_fused_model_and_its_route():
+    from pathlib import Path
+
+    from xmdpt.training.build import build_codec, build_denoiser, build_encoders, build_objective
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "synthetic-cpu.yaml"
+    tiny = ["model.hidden_size=32", "model.num_heads=2", "conditioning.learned_width=16"]
+    config = load_config(base, [*tiny, "model.fusion_blocks=[1,4]", "objective.route_ratio=0.75"])
+    pose_encoder, reference_encoder = build_encoders(config)
+    codec = build_codec(config)
+    denoiser = build_denoiser(config, codec, pose_encoder, reference_encoder)
+    objective = build_objective(config, codec, denoiser, reference_encoder)
+    assert denoiser.fusion_span == (1, 4) and denoiser.config.fusion_blocks == [1, 4]
+    assert objective.route_ratio == 0.75 and objective.span(denoiser) == (1, 4)

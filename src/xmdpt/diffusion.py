@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from xmdpt.conditioning.encoders import neighbour_differences
-from xmdpt.models.xmdpt import XMDPT, Conditions, TokenRoute, gather_tokens, random_masking
+from xmdpt.models.xmdpt import XMDPT, Conditions, TokenRoute, gather_tokens, random_masking, route_span
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -198,27 +198,6 @@ class PaletteTerm(ImageTerm):
 #################################################################################
 #                  Training speed-ups: token routing, alignment                 #
 #################################################################################
-
-
-def route_span(route_blocks: Sequence[int] | None, depth: int, decode_layers: int) -> tuple[int, int]:
-    """The blocks [start, end) that routed tokens skip. They must lie within the first split = depth - decode_layers
-    blocks: the masked pass runs those on its kept tokens and the side-interpolater puts the dropped ones back at
-    block `split`, so every token is reinserted by then (in both passes, one rule). None: TREAD's choice, from the
-    third block (the first two see every token) to `split`, as far as the model is deep."""
-    split = depth - decode_layers
-    if route_blocks is None:
-        if split < 1:
-            raise ValueError(f"no block to route around: depth {depth} - decode_layers {decode_layers} = 0")
-        return min(2, split - 1), split
-    if len(route_blocks) != 2 or any(isinstance(b, bool) or int(b) != b for b in route_blocks):
-        raise ValueError(f"route_blocks must be [start, end], two block indices, got {list(route_blocks)}")
-    start, end = (int(b) for b in route_blocks)
-    if not 0 <= start < end <= split:
-        raise ValueError(
-            f"route_blocks=[{start}, {end}] must satisfy 0 <= start < end <= depth - decode_layers = {split} "
-            "(routed tokens rejoin before the side-interpolater)"
-        )
-    return start, end
 
 
 def patch_features_on_grid(features: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -549,7 +528,9 @@ class XMDPTLoss:
         )
 
     def span(self, model: XMDPT) -> tuple[int, int]:
-        return route_span(self.route_blocks, model.config.depth, model.config.decode_layers)
+        """The route's blocks: route_blocks, else a fused model's span (SPRINT), else TREAD's default."""
+        blocks = self.route_blocks if self.route_blocks is not None else model.fusion_span
+        return route_span(blocks, model.config.depth, model.config.decode_layers)
 
     @staticmethod
     def routing(ids: torch.Tensor | None, span: tuple[int, int] | None) -> dict:

@@ -11,7 +11,7 @@ and 64x44 (512x352) latents all work.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -108,6 +108,27 @@ class TokenRoute:
     ids: torch.Tensor  # (B, R)
     start: int
     end: int
+
+
+def route_span(route_blocks: Sequence[int] | None, depth: int, decode_layers: int) -> tuple[int, int]:
+    """The blocks [start, end) that routed tokens skip. They must lie within the first split = depth - decode_layers
+    blocks: the masked pass runs those on its kept tokens and the side-interpolater puts the dropped ones back at
+    block `split`, so every token is reinserted by then (in both passes, one rule). None: TREAD's choice, from the
+    third block (the first two see every token) to `split`, as far as the model is deep."""
+    split = depth - decode_layers
+    if route_blocks is None:
+        if split < 1:
+            raise ValueError(f"no block to route around: depth {depth} - decode_layers {decode_layers} = 0")
+        return min(2, split - 1), split
+    if len(route_blocks) != 2 or any(isinstance(b, bool) or int(b) != b for b in route_blocks):
+        raise ValueError(f"route_blocks must be [start, end], two block indices, got {list(route_blocks)}")
+    start, end = (int(b) for b in route_blocks)
+    if not 0 <= start < end <= split:
+        raise ValueError(
+            f"route_blocks=[{start}, {end}] must satisfy 0 <= start < end <= depth - decode_layers = {split} "
+            "(routed tokens rejoin before the side-interpolater)"
+        )
+    return start, end
 
 
 #################################################################################
@@ -465,6 +486,25 @@ class Refiner(nn.Module):
         return torch.cat([refined, prediction[:, C:]], dim=1)  # the variance channels pass unchanged
 
 
+class DenseSparseFusion(nn.Module):
+    """SPRINT's dense-sparse residual fusion (Park et al. 2025), around the token route's span: the tokens as they
+    entered the span (every token: the dense path) and as they leave it, concatenated per token and projected back
+    to D. In training the tokens routed around the span come back as a learned mask token, so the span is truly
+    sparse and the dense path carries them; in sampling every token runs the span. Starts as the identity on the
+    span's output, so at step 0 the model computes what the same model without the fusion does."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.proj = nn.Linear(2 * hidden_size, hidden_size)
+
+    def forward(self, dense: torch.Tensor, deep: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """dense (B, N, D), the span's input; deep (B, N, D), its output, or (B, R, D) at positions ids (B, R)."""
+        if ids is not None:
+            deep = scatter_tokens(self.mask_token.to(dense.dtype).expand_as(dense), ids, deep)  # (B, N, D)
+        return self.proj(torch.cat([dense, deep.to(dense.dtype)], dim=-1))  # (B, N, D)
+
+
 #################################################################################
 #                                  The model                                    #
 #################################################################################
@@ -525,6 +565,7 @@ class XMDPT(ModelMixin, ConfigMixin):
         pose_map_channels: int = 0,
         reference_layers: int = 0,
         refine_channels: int = 0,
+        fusion_blocks: list[int] | None = None,
     ):
         super().__init__()
         latent_h, latent_w = sample_size
@@ -540,6 +581,8 @@ class XMDPT(ModelMixin, ConfigMixin):
             raise ValueError(f"reference_layers={reference_layers} must be >= 0 (0: no reference attention)")
         if not 1 <= decode_layers <= depth:
             raise ValueError(f"decode_layers={decode_layers} must lie in [1, depth={depth}]")
+        if fusion_blocks is not None:
+            route_span(fusion_blocks, depth, decode_layers)  # the same rule as a token route's span
         self.grid_size = (latent_h // patch_size, latent_w // patch_size)
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
@@ -562,6 +605,8 @@ class XMDPT(ModelMixin, ConfigMixin):
         self.aggregation = AggregationNetwork(
             D, self.num_tokens, pose_feature_dim, pose_num_tokens, reference_feature_dim, reference_num_tokens
         )
+        self.fusion = DenseSparseFusion(D) if fusion_blocks is not None else None
+        self.fusion_span = None if fusion_blocks is None else tuple(int(b) for b in fusion_blocks)
 
         self.initialize_weights()
         # Folders and checkpoints saved before the paper's modules were classes name their tensors the public way.
@@ -606,6 +651,11 @@ class XMDPT(ModelMixin, ConfigMixin):
             nn.init.zeros_(block.cross_attn.proj.bias)
         if self.interpolater is not None:
             nn.init.normal_(self.interpolater.mask_token, std=0.02)
+        if self.fusion is not None:  # [0 | I]: the span's output, unchanged
+            D = self.config.hidden_size
+            nn.init.zeros_(self.fusion.proj.weight)
+            nn.init.zeros_(self.fusion.proj.bias)
+            self.fusion.proj.weight.data[:, D:] = torch.eye(D)
         agg = self.aggregation
         for layer in (agg.mlp_dino_pose, agg.mlp_dino_img, agg.mlp_final):
             nn.init.normal_(layer[0].weight, std=0.02)
@@ -704,6 +754,10 @@ class XMDPT(ModelMixin, ConfigMixin):
             raise ValueError("a feature cache is for sampling; the masked pass and token routing are training's")
         if route is not None and not 0 <= route.start < route.end <= split:
             raise ValueError(f"a token route over blocks [{route.start}, {route.end}) must end by block {split}")
+        if route is not None and self.fusion_span not in (None, (route.start, route.end)):
+            raise ValueError(
+                f"a token route over [{route.start}, {route.end}) in a model fused over {self.fusion_span}"
+            )
         if cache is not None and cache.skip_blocks(x, lambda: self.blocks[0].modulated_input(x, c)):
             x = cache.residual(x)  # (B, N, D) TeaCache: the stack's residual from the last full step
         else:
@@ -725,10 +779,16 @@ class XMDPT(ModelMixin, ConfigMixin):
         """The block stack on tokens x (B, N or K, D) -> (B, N, D): the side-interpolater (masked pass) or the decoder
         position embedding before block depth - decode_layers, the token route's span, the cache's layer reuse."""
         x_in, split = x, self.config.depth - self.config.decode_layers
-        skipped = routed = None  # token routing: all tokens as the span starts; the routed ones' grid positions
+        # Token routing: all tokens as the span starts, and the routed ones' grid positions; the fusion's dense input.
+        skipped = routed = entering = None
+        fused = self.fusion_span or (None, None)
         for i, block in enumerate(self.blocks):
-            if route is not None and i == route.end:  # the routed tokens rejoin the ones that skipped the span
+            if i == fused[1]:  # SPRINT: the span's input and output, fused; routed-around tokens as the mask token
+                x = self.fusion(entering, x, None if route is None else route.ids)  # (B, K or N, D)
+            elif route is not None and i == route.end:  # the routed tokens rejoin the ones that skipped the span
                 x = scatter_tokens(skipped, route.ids, x)  # (B, K or N, D)
+            if i == fused[0]:
+                entering = x  # (B, K or N, D)
             if i == split and ids_keep is not None:
                 x = self.interpolater(x, c, ids_keep, context, self.decoder_pos_embed)  # (B, N, D)
             elif i == split:
@@ -752,9 +812,17 @@ class XMDPT(ModelMixin, ConfigMixin):
         keys and values of the side-interpolater's cross-attention. Only the masked pass needs them."""
         if self.interpolater is None:
             raise ValueError("the masked pass needs a model built with side_interpolater=True")
-        x = reference_tokens
-        for block in self.blocks[: self.config.depth - self.config.decode_layers]:
+        x, split = reference_tokens, self.config.depth - self.config.decode_layers
+        start, end = self.fusion_span or (None, None)
+        entering = None
+        for i, block in enumerate(self.blocks[:split]):
+            if i == end:
+                x = self.fusion(entering, x)  # (B, N, D)
+            if i == start:
+                entering = x
             x = block(x, c)
+        if end == split:
+            x = self.fusion(entering, x)
         return x.detach()  # (B, N, D)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

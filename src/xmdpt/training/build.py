@@ -65,6 +65,7 @@ def build_denoiser(config: TrainConfig, codec: nn.Module, pose_encoder: nn.Modul
         pose_map_channels=3 * f * f if m.pose_map else 0,
         reference_layers=m.reference_layers,
         refine_channels=m.refine_channels,
+        fusion_blocks=None if m.fusion_blocks is None else list(m.fusion_blocks),
         **sizes,
     )
 

@@ -31,6 +31,9 @@ class ModelConfig:
     # beyond the paper: blocks of the reference memory encoder that every block cross-attends to; 0 = off (see XMDPT)
     reference_layers: int = 0
     refine_channels: int = 0  # beyond the paper: width of a convolutional head that sees x_t; 0 = off (see XMDPT)
+    # SPRINT's dense-sparse fusion around blocks [start, end), the token route's span (objective.route_ratio 0.75 is
+    # SPRINT's sparsity); null = off. A model parameter: sampling runs it too (see DenseSparseFusion).
+    fusion_blocks: Optional[list[int]] = None  # noqa: UP045
     # a checkpoint folder (runs/.../checkpoints/step_XXXXXXXX) whose EMA weights start this run. Modules it lacks
     # (say, reference attention added to a trained model) keep their initialisation; --resume takes precedence.
     init_from: Optional[str] = None  # noqa: UP045
@@ -333,9 +336,21 @@ def _validate_speedups(config: TrainConfig) -> None:
         raise InputError(f"objective.route_ratio={o.route_ratio} must lie in [0, 1) (0: off)")
     if o.route_blocks is not None and o.route_ratio == 0:
         raise InputError("objective.route_blocks is set but objective.route_ratio=0: routing is off")
+    fusion = config.model.fusion_blocks
+    if fusion is not None:
+        try:
+            route_span(fusion, depth, decode_layers)
+        except ValueError as err:
+            message = str(err).replace("route_blocks", "model.fusion_blocks")
+            raise InputError(f"{message} (model depth {depth})") from None
+        if o.route_blocks is not None and list(o.route_blocks) != list(fusion):
+            raise InputError(
+                f"objective.route_blocks={list(o.route_blocks)} must be model.fusion_blocks={list(fusion)} (or "
+                "null): SPRINT's fusion is around the token route's span"
+            )
     if o.route_ratio > 0:
         try:
-            route_span(o.route_blocks, depth, decode_layers)
+            route_span(o.route_blocks if o.route_blocks is not None else fusion, depth, decode_layers)
         except ValueError as err:
             where = "objective." if str(err).startswith("route_blocks") else "objective.route_ratio > 0: "
             raise InputError(f"{where}{err} (model depth {depth})") from None
