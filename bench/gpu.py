@@ -7,8 +7,8 @@
    for the published sampling (50 DDIM steps, guidance 2.0 at every step) and the fast setting (DPM-Solver++ 20,
    guidance on [200, 800], FORA fora:3).
 2. Training, S/2 and B/2 at 256x176, batch 32 with the masked pass: samples/s and peak memory of the paper's recipe
-   and of each speed-up of `bench/training.py` (token routing, REPA, self-alignment, bf16 autocast, all together),
-   each in its own process, with its `speed-up` against the paper's recipe.
+   and of each speed-up of `bench/training.py` (token routing, REPA, self-alignment, bf16 autocast, all together,
+   SPRINT), each in its own process, with its `speed-up` against the paper's recipe.
 
 Everything is built from its config with random weights (`bench/pipeline.py`'s DINOv2 and SD-VAE configs), so nothing
 is downloaded.

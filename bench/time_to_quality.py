@@ -180,7 +180,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def report(rows: list[dict], thresholds: list[float], pose: float) -> None:
     """The minutes-to table, one row per run, and a `time-to-quality` line per config and threshold: the recipe's
     mean minutes over the seeds against the config's, where every seed of both reached it."""
-    groups = group_runs(rows)
+    order = list(CONFIGS)
+    groups = dict(sorted(group_runs(rows).items(), key=lambda item: (order.index(item[0][0]), item[0][1])))
     heads = " | ".join(f"minutes to SSIM {t:.2f}" for t in thresholds)
     print(f"| config | seed | steps | {heads} | final SSIM | final pose |")
     print("|---|---|---|" + "---|" * len(thresholds) + "---|---|")
@@ -200,7 +201,7 @@ def report(rows: list[dict], thresholds: list[float], pose: float) -> None:
         for name in names:
             reached = [minutes_to(g, t, pose) for (n, _), g in groups.items() if n == name]
             means[name] = None if None in reached else sum(reached) / len(reached)
-        for name in names[1:] if names and names[0] == "paper" else []:
+        for name in [n for n in names if n != "paper"] if "paper" in names else []:
             if means["paper"] is None or means[name] is None:
                 print(f"time-to-quality {name}, SSIM {t:.2f} and pose >= {pose:.0%}: not reached by every seed")
             else:

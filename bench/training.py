@@ -18,6 +18,7 @@ SPRINT (75% of the tokens skip blocks 2-9, then the dense-sparse fusion). Each p
     python bench/training.py --part schedule --batch 32 --steps 5
     python bench/training.py --only "synthetic 64x48 stage 2"     # the embedded default's model
     python bench/training.py --part additions --models "S/2 256x176" --batch 4 --steps 2
+    python bench/training.py --part additions --additions SPRINT --threads 1   # one speed-up against the recipe
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def schedules(settings, batch: int, steps: int) -> None:
             print(f"| {setting} | {'yes' if mask else 'no'} | {speeds} | {memory} |", flush=True)
 
 
-def additions(settings, batch: int, steps: int, repeat: int = 1) -> None:
+def additions(settings, batch: int, steps: int, repeat: int = 1, names=tuple(ADDITIONS)) -> None:
     """The paper's recipe and each speed-up (our schedule, the masked pass on), then a `speed-up` line for each.
     With `repeat` > 1 every configuration runs in each of that many rounds and keeps its fastest: on a shared machine
     a burst of other work then slows one round, not the ratio."""
@@ -191,7 +192,7 @@ def additions(settings, batch: int, steps: int, repeat: int = 1) -> None:
     for setting in settings:
         results: dict[str, dict] = {}
         for _ in range(repeat):
-            for name in ADDITIONS:
+            for name in dict.fromkeys(["paper", *names]):
                 result = run_one(setting, "ours", True, batch, steps, name)
                 if name not in results or result["samples_per_second"] > results[name]["samples_per_second"]:
                     results[name] = result
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--models", nargs="+", choices=ADDITION_SETTINGS, default=list(ADDITION_SETTINGS), help="for the speed-ups"
     )
+    parser.add_argument(
+        "--additions", nargs="+", choices=list(ADDITIONS), default=list(ADDITIONS), help="the speed-ups to measure"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds of the speed-ups; each keeps its fastest")
     parser.add_argument("--threads", type=int, help="torch threads of the measuring processes (default: torch's)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("all", "schedule"):
         schedules([args.only] if args.only else SETTINGS, args.batch, args.steps)
     if args.part in ("all", "additions"):
-        additions(args.models, args.batch, args.steps, args.repeat)
+        additions(args.models, args.batch, args.steps, args.repeat, args.additions)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ def test_training_benchmark_prints_a_speed_up_line_for_each_addition(bench, monk
     assert len(lines) == 2 * (len(rates) - 1)
     assert "speed-up B/2 256x176 routing: 1.50x samples/s against the paper's recipe" in lines[-6]
     assert "speed-up B/2 256x176 SPRINT: 1.60x samples/s against the paper's recipe" in lines[-1]
+    bench.main(["--part", "additions", "--models", "S/2 256x176", "--additions", "SPRINT"])  # one, with the recipe
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed-up")]
+    assert len(lines) == 1 and "S/2 256x176 SPRINT: 1.60x samples/s against the paper's recipe (3.20 vs 2" in lines[0]
 
 
 def test_time_to_quality_trains_scores_plots_and_reports_in_its_tiny_mode(tmp_path):
