@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_csv:  # the plot and the tables again, at other levels, without training
         with open(args.from_csv) as f:
             rows = [
-                {**row, **{k: float(row[k]) for k in ("train_minutes", "ssim", "psnr")}}
-                | {k: int(row[k]) for k in ("seed", "step", "pose_match", "pairs")}
+                {
+                    k: v if k == "config" else float(v) if k in ("train_minutes", "ssim", "psnr") else int(v)
+                    for k, v in row.items()
+                }
                 for row in csv.DictReader(f)
             ]
         rows = list({tuple(row.items()): row for row in rows}.values())  # a run's last row, once

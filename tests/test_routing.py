@@ -22,6 +22,16 @@ def token_counts(model) -> tuple[list[int], list]:
     return seen, handles
 
 
+def tokens_seen_in_sampling(model, x: dict) -> list[int]:
+    """How many tokens each block sees in a sampling call (no route, no mask)."""
+    seen, handles = token_counts(model)
+    with torch.no_grad():
+        model(x["sample"], x["timestep"], x["conditions"])
+    for handle in handles:
+        handle.remove()
+    return [count for _, count in seen]
+
+
 def test_route_span_defaults_to_tread_and_refuses_spans_past_the_side_interpolater():
     assert route_span(None, 12, 2) == (2, 10)  # S/2, B/2: blocks 2..9
     assert route_span(None, 6, 2) == (2, 4)  # the synthetic configs
@@ -114,12 +124,7 @@ def test_routed_training_reaches_every_parameter_of_the_span_and_only_changes_tr
         assert model.blocks[i].attn.rel_pos_bias.relative_position_bias_table.grad.abs().sum() > 0, i
     # Routing adds no parameter and leaves the model's config alone; sampling (no route) sees every token.
     assert dict(model.config) == config and model.state_dict().keys() == state.keys()
-    seen, handles = token_counts(model)
-    with torch.no_grad():
-        model(x["sample"], x["timestep"], x["conditions"])
-    assert [count for _, count in seen] == [12] * 4
-    for handle in handles:
-        handle.remove()
+    assert tokens_seen_in_sampling(model, x) == [12] * 4
 
 
 def test_a_route_past_the_split_is_refused_by_the_model():
@@ -225,12 +230,7 @@ def test_fused_training_routes_over_the_fusion_span_and_trains_the_fusion():
     grad = model.fusion.proj.weight.grad
     assert model.fusion.mask_token.grad.abs().sum() > 0
     assert grad[:, :D].abs().sum() > 0 and grad[:, D:].abs().sum() > 0
-    seen, handles = token_counts(model)
-    with torch.no_grad():
-        model(x["sample"], x["timestep"], x["conditions"])
-    assert [count for _, count in seen] == [12] * 4
-    for handle in handles:
-        handle.remove()
+    assert tokens_seen_in_sampling(model, x) == [12] * 4
     with pytest.raises(ValueError, match="fused over"):
         XMDPTLoss(route_ratio=0.5, route_blocks=[0, 2])(
             model, x["sample"], x["conditions"], generator=torch.Generator().manual_seed(0)

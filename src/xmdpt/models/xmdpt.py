@@ -775,24 +775,22 @@ class XMDPT(ModelMixin, ConfigMixin):
         context: torch.Tensor | None = None,
         route: TokenRoute | None = None,
         cache: FeatureCache | None = None,
+        num_blocks: int | None = None,
     ) -> torch.Tensor:
         """The block stack on tokens x (B, N or K, D) -> (B, N, D): the side-interpolater (masked pass) or the decoder
-        position embedding before block depth - decode_layers, the token route's span, the cache's layer reuse."""
+        position embedding before block depth - decode_layers, the token route's span and the fusion after it, the
+        cache's layer reuse. num_blocks: only the first that many blocks (None: all)."""
         x_in, split = x, self.config.depth - self.config.decode_layers
         # Token routing: all tokens as the span starts, and the routed ones' grid positions; the fusion's dense input.
         skipped = routed = entering = None
         fused = self.fusion_span or (None, None)
-        for i, block in enumerate(self.blocks):
-            if i == fused[1]:  # SPRINT: the span's input and output, fused; routed-around tokens as the mask token
-                x = self.fusion(entering, x, None if route is None else route.ids)  # (B, K or N, D)
-            elif route is not None and i == route.end:  # the routed tokens rejoin the ones that skipped the span
-                x = scatter_tokens(skipped, route.ids, x)  # (B, K or N, D)
-            if i == fused[0]:
-                entering = x  # (B, K or N, D)
+        for i, block in enumerate(self.blocks[:num_blocks]):
             if i == split and ids_keep is not None:
                 x = self.interpolater(x, c, ids_keep, context, self.decoder_pos_embed)  # (B, N, D)
             elif i == split:
                 x = x + self.decoder_pos_embed
+            if i == fused[0]:
+                entering = x  # (B, K or N, D)
             keep = ids_keep if i < split else None
             if route is not None and i == route.start:
                 skipped, x = x, gather_tokens(x, route.ids)  # (B, R, D)
@@ -802,6 +800,10 @@ class XMDPT(ModelMixin, ConfigMixin):
                 keep = routed
             layer = _compute if cache is None else partial(cache.layer, i)
             x = block(x, c, keep, memory, gate, layer)  # (B, K, R or N, D)
+            if i + 1 == fused[1]:  # SPRINT: the span's input and output, fused; routed-around tokens as the mask token
+                x = self.fusion(entering, x, None if route is None else route.ids)  # (B, K or N, D)
+            elif route is not None and i + 1 == route.end:  # the routed tokens rejoin the ones that skipped the span
+                x = scatter_tokens(skipped, route.ids, x)  # (B, K or N, D)
         if cache is not None:
             cache.store_residual(x_in, x)
         return x  # (B, N, D)
@@ -812,18 +814,8 @@ class XMDPT(ModelMixin, ConfigMixin):
         keys and values of the side-interpolater's cross-attention. Only the masked pass needs them."""
         if self.interpolater is None:
             raise ValueError("the masked pass needs a model built with side_interpolater=True")
-        x, split = reference_tokens, self.config.depth - self.config.decode_layers
-        start, end = self.fusion_span or (None, None)
-        entering = None
-        for i, block in enumerate(self.blocks[:split]):
-            if i == end:
-                x = self.fusion(entering, x)  # (B, N, D)
-            if i == start:
-                entering = x
-            x = block(x, c)
-        if end == split:
-            x = self.fusion(entering, x)
-        return x.detach()  # (B, N, D)
+        split = self.config.depth - self.config.decode_layers
+        return self.run_blocks(reference_tokens, c, None, None, num_blocks=split).detach()  # (B, N, D)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p * p * C) -> (B, C, H, W) for the configured, possibly non-square, grid."""
